@@ -1,0 +1,5 @@
+import sys
+
+from wsimamba.cli import main
+
+sys.exit(main())
