@@ -1,0 +1,382 @@
+"""The extraction loop: slides → tissue → patch grid → encoder → one feature file per slide.
+
+Per-slide errors never stop the cohort: a failing slide is recorded in the manifest and skipped.
+Completed slides are skipped on a rerun unless `overwrite`. Work is split deterministically over
+shards (`--shard I/N`) and over torchrun ranks (RANK / WORLD_SIZE / LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import wsimamba
+from wsimamba.config import ExtractConfig
+from wsimamba.errors import SlideError, WsimambaError
+from wsimamba.features.encoders import Encoder, create_encoder
+from wsimamba.features.manifest import read_manifest, update_manifest
+from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
+from wsimamba.slide.qc import render_qc, write_png_atomic
+from wsimamba.slide.reader import find_slides, open_slide, slide_id_of
+from wsimamba.slide.tiling import PatchGrid, make_grid
+from wsimamba.slide.tissue import TissueParams, detect_tissue, load_tissue_mask
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    slide_path: str
+    status: str  # "ok", "failed" or "skipped" (complete from an earlier run)
+    patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    output: str = ""
+
+
+class ExtractProgress:
+    """Progress events of an extraction; the CLI draws a bar from them. Defaults do nothing."""
+
+    def start(self, n_slides: int) -> None: ...
+
+    def slide_start(self, slide_id: str, n_patches: int) -> None: ...
+
+    def patches_done(self, n: int) -> None: ...
+
+    def slide_end(self, result: SlideResult) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Which slides this process handles
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (0 ≤ I < N) → (I, N)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise WsimambaError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise WsimambaError(f"--shard {text!r}: need 0 ≤ I < N")
+    return i, n
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, (0, 1, 0) outside it."""
+    try:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise WsimambaError("RANK / WORLD_SIZE / LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise WsimambaError(f"RANK={rank} WORLD_SIZE={world} is not a valid torchrun rank")
+    return rank, world, local
+
+
+def select_shard(paths: Sequence[Path], shard: tuple[int, int] = (0, 1), rank: tuple[int, int] = (0, 1)) -> list[Path]:
+    """The slides of shard `shard` = (I, N), then of torchrun rank (r, W) inside it.
+
+    Slides are ordered by id and dealt round-robin, so every slide lands in exactly one
+    (shard, rank) and counts differ by at most one.
+    """
+    i, n = shard
+    r, w = rank
+    part = n * w
+    k = i * w + r
+    ordered = sorted(paths, key=lambda p: slide_id_of(p))
+    return ordered[k::part]
+
+
+def resolve_slides(slides_dir: Path, slide_list: Path | None = None) -> list[Path]:
+    """Slide files of a folder, restricted to the ids or file names in `slide_list` when given.
+
+    `slide_list`: one id or file name per line, or a CSV whose header has a `slide_id` column.
+    """
+    paths = find_slides(slides_dir)
+    if slide_list is None:
+        return paths
+    slide_list = Path(slide_list)
+    if not slide_list.is_file():
+        raise WsimambaError(f"{slide_list}: no such slide list")
+    lines = [ln.strip() for ln in slide_list.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if lines and "slide_id" in [c.strip() for c in lines[0].split(",")]:
+        import csv
+
+        with open(slide_list, newline="") as f:
+            wanted = [row["slide_id"].strip() for row in csv.DictReader(f) if row.get("slide_id", "").strip()]
+    else:
+        wanted = lines
+    by_id = {slide_id_of(p): p for p in paths}
+    by_name = {p.name: p for p in paths}
+    chosen, missing = [], []
+    for item in wanted:
+        p = by_name.get(item) or by_id.get(item) or by_id.get(slide_id_of(Path(item)))
+        (chosen if p is not None else missing).append(p if p is not None else item)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise WsimambaError(f"{slide_list}: {len(missing)} slides not found in {slides_dir}: {shown}")
+    return sorted(set(chosen), key=lambda p: slide_id_of(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading patches
+
+
+class PatchDataset(Dataset):
+    """Patches of one slide as uint8 (patch_size, patch_size, 3) tensors.
+
+    The slide is opened lazily, so each DataLoader worker process holds its own handle.
+    """
+
+    def __init__(self, slide_path: Path, grid: PatchGrid, mpp_override: float | None):
+        self.slide_path = Path(slide_path)
+        self.coords = grid.coords
+        self.size0 = grid.patch_size_level0
+        self.out_size = grid.patch_size
+        self.level = grid.patch_level
+        self.mpp_override = mpp_override
+        self._slide = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_slide"] = None  # never ship an open handle to a worker
+        return state
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path, self.mpp_override)
+        x, y = self.coords[i]
+        return torch.from_numpy(self._slide.read_at((int(x), int(y)), self.size0, self.out_size, level=self.level))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' → this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise WsimambaError(f"--device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WsimambaError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+class PatchEmbedder:
+    """Runs an encoder on uint8 patch batches: resize, normalise, bf16 autocast + channels_last on CUDA."""
+
+    def __init__(self, encoder: Encoder, device: torch.device):
+        self.encoder = encoder
+        self.device = device
+        self.model = encoder.model.to(device).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """batch uint8 (B, H, W, 3) → float32 (B, dim)."""
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        size = self.encoder.input_size
+        if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.model(x)
+        else:
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# One slide
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) > 1:  # e.g. an error re-raised from a DataLoader worker carries its traceback
+        return lines[-1]
+    msg = lines[0]
+    return msg if isinstance(e, WsimambaError) else f"{type(e).__name__}: {msg}"
+
+
+def extract_slide(
+    slide_path: Path,
+    out_dir: Path,
+    cfg: ExtractConfig,
+    embedder: PatchEmbedder,
+    progress: ExtractProgress | None = None,
+) -> SlideResult:
+    """Extract one slide into `out_dir`. Raises on failure (the caller records it)."""
+    progress = progress or ExtractProgress()
+    t0 = time.perf_counter()
+    slide_path = Path(slide_path)
+    sid = slide_id_of(slide_path)
+    tparams = TissueParams(**cfg.tissue.model_dump())
+    with open_slide(slide_path, cfg.mpp_override) as slide:
+        slide.require_mpp()
+        if cfg.tissue_masks is not None:
+            tissue = load_tissue_mask(Path(cfg.tissue_masks) / f"{sid}.png", slide)
+        else:
+            tissue = detect_tissue(slide, tparams)
+        grid = make_grid(slide, tissue, cfg.target_mpp, cfg.patch_size, cfg.overlap, cfg.min_tissue)
+        if len(grid) == 0:
+            raise SlideError(
+                f"{slide_path}: no patch has ≥ {cfg.min_tissue:.0%} tissue "
+                f"(tissue found on {tissue.mask.mean():.1%} of the thumbnail)"
+            )
+        if cfg.qc:
+            thumb = tissue.thumbnail
+            if thumb is None:
+                thumb = slide.thumbnail(max(1.0, max(slide.dimensions) / 2048))
+            write_png_atomic(render_qc(thumb, tissue, grid, slide.dimensions), Path(out_dir) / "qc" / f"{sid}.png")
+        slide_attrs = {
+            "slide_id": sid,
+            "slide_path": str(slide_path.resolve()),
+            "slide_backend": slide.backend,
+            "mpp_source": slide.mpp_source,
+            "tissue_mask_source": tissue.source,
+        }
+    progress.slide_start(sid, len(grid))
+    ds = PatchDataset(slide_path, grid, cfg.mpp_override)
+    on_cuda = embedder.device.type == "cuda"
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        pin_memory=on_cuda,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+        persistent_workers=False,
+    )
+    writer = FeatureWriter(out_dir, sid, embedder.encoder.dim, cfg.format)
+    try:
+        offset = 0
+        for batch in loader:
+            feats = embedder(batch)
+            b = feats.shape[0]
+            writer.append(feats, grid.coords[offset : offset + b])
+            offset += b
+            progress.patches_done(b)
+        enc = embedder.encoder
+        file_attrs = {
+            "encoder": enc.name,
+            "encoder_weights_sha256": enc.weights_sha256,
+            "encoder_weights_path": enc.weights_path,
+            "encoder_input_size": enc.input_size or grid.patch_size,
+            "feature_dim": enc.dim,
+            "wsimamba_version": wsimamba.__version__,
+            "min_tissue": cfg.min_tissue,
+            **tparams.as_attrs(),
+            **slide_attrs,
+        }
+        out = writer.finalize(grid.coords_attrs(sid), file_attrs)
+    except BaseException:
+        writer.abort()
+        raise
+    return SlideResult(
+        slide_id=sid, slide_path=str(slide_path), status="ok", patches=len(grid),
+        seconds=time.perf_counter() - t0, output=str(out),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A cohort
+
+
+def extract_cohort(
+    slide_paths: Sequence[Path],
+    out_dir: Path,
+    cfg: ExtractConfig,
+    shard: tuple[int, int] = (0, 1),
+    progress: ExtractProgress | None = None,
+) -> list[SlideResult]:
+    """Extract this process's share of `slide_paths` into `out_dir`; returns one result per slide.
+
+    Encoder problems (unknown name, bad weights) raise before any slide is touched; slide
+    problems are recorded in `out_dir/manifest.csv` and in the returned results.
+    """
+    progress = progress or ExtractProgress()
+    out_dir = Path(out_dir)
+    rank, world, local_rank = distributed_env()
+    mine = select_shard(slide_paths, shard, (rank, world))
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.tissue_masks is not None and not Path(cfg.tissue_masks).is_dir():
+        raise WsimambaError(f"--tissue-masks {cfg.tissue_masks}: no such folder")
+    encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
+    embedder = PatchEmbedder(encoder, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out_dir)
+    progress.start(len(mine))
+    results: list[SlideResult] = []
+    for path in mine:
+        sid = slide_id_of(path)
+        if is_complete(out_dir, sid, cfg.format) and not cfg.overwrite:
+            res = SlideResult(sid, str(path), "skipped", output=str(final_path(out_dir, sid, cfg.format)))
+            row = manifest.get(sid)
+            if row is None or row.get("status") != "ok":
+                # complete output without a manifest row (e.g. the manifest was deleted): rebuild it
+                try:
+                    feats, _, _, _ = read_features(out_dir / (f"{sid}.h5" if cfg.format == "h5" else "features.zarr"), sid)
+                    res.patches = int(feats.shape[0])
+                except WsimambaError:
+                    pass
+                update_manifest(out_dir, {**res.__dict__, "status": "ok", "seconds": ""})
+            else:
+                res.patches = int(row.get("patches") or 0)
+            results.append(res)
+            progress.slide_end(res)
+            continue
+        if cfg.overwrite:
+            remove_output(out_dir, sid, cfg.format)
+        t0 = time.perf_counter()
+        try:
+            res = extract_slide(path, out_dir, cfg, embedder, progress)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
+        update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+        results.append(res)
+        progress.slide_end(res)
+    return results
+
+
+def extract_folder(
+    slides_dir: Path,
+    out_dir: Path,
+    cfg: ExtractConfig,
+    slide_list: Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: ExtractProgress | None = None,
+) -> list[SlideResult]:
+    """`wsimamba extract SLIDES_DIR --out OUT_DIR`: resolve the slides, then `extract_cohort`."""
+    paths = resolve_slides(slides_dir, slide_list)
+    if not paths:
+        raise WsimambaError(f"{slides_dir}: no slide files found")
+    return extract_cohort(paths, out_dir, cfg, shard, progress)
