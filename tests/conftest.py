@@ -1,0 +1,35 @@
+"""Shared fixtures: small synthetic cohorts made once per session, in temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep the 2-core CI machine responsive: DataLoader workers and torch share the cores.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Extraction settings the tests share: 64-px patches at 2 µm/px on slides written at 0.5 µm/px, so a
+# patch is 256 level-0 pixels and a 2048-px slide gives an 8 × 8 grid.
+SMALL = dict(size=(2048, 2048), mpp=0.5)
+EXTRACT_ARGS = ["--encoder", "timm:test_resnet", "--random-init", "--target-mpp", "2.0", "--patch-size", "64",
+                "--device", "cpu", "--batch-size", "16"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """Four 2048-px SVS slides (two tumor, two normal) with masks and labels."""
+    from wsimamba.slide.synth import synth_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    slides = synth_cohort(root, 4, seed=7, fmt="svs", size_jitter=0.0, **SMALL)
+    return root, slides

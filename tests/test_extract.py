@@ -1,0 +1,412 @@
+"""`wsimamba extract` end to end: synth → extract → feature files a CLAM-style reader can load."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from tests.conftest import EXTRACT_ARGS, SMALL
+from wsimamba.cli import main
+from wsimamba.features.store import read_features
+from wsimamba.slide.reader import open_slide
+from wsimamba.slide.tiling import make_grid
+from wsimamba.slide.tissue import TissueParams, detect_tissue
+
+COORD_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "target_mpp", "level0_mpp", "overlap",
+               "level0_width", "level0_height", "name")
+FILE_ATTRS = ("encoder", "encoder_weights_sha256", "wsimamba_version", "slide_path", "tissue_sthresh",
+              "tissue_mthresh", "tissue_close", "tissue_use_otsu")
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def extracted(cohort, tmp_path_factory):
+    root, slides = cohort
+    out = tmp_path_factory.mktemp("features")
+    code = run_cli("extract", root / "slides", "--out", out, *EXTRACT_ARGS, "--workers", "0")
+    assert code == 0
+    return root, slides, out
+
+
+def test_every_patch_inside_slide_and_on_tissue(extracted):
+    root, slides, out = extracted
+    for s in slides:
+        feats, coords, cattrs, _ = read_features(out / f"{s.slide_id}.h5")
+        size0 = int(cattrs["patch_size_level0"])
+        assert size0 == 256  # 64 px at 2 µm/px on a 0.5 µm/px slide
+        assert (coords >= 0).all()
+        assert (coords[:, 0] + size0 <= s.width).all() and (coords[:, 1] + size0 <= s.height).all()
+        with open_slide(s.path) as slide:
+            tissue = detect_tissue(slide, TissueParams())
+            frac = tissue.tissue_fraction(coords[:, 0], coords[:, 1], size0)
+            assert (frac >= 0.25).all()
+            # and the patch pixels themselves are not blank background
+            for x, y in coords[:: max(1, len(coords) // 5)]:
+                px = slide.read_at((int(x), int(y)), size0, 64)
+                assert px.mean() < 235
+
+
+def test_patch_count_matches_grid(extracted):
+    root, slides, out = extracted
+    total = 0
+    for s in slides:
+        feats, coords, cattrs, _ = read_features(out / f"{s.slide_id}.h5")
+        with open_slide(s.path) as slide:
+            grid = make_grid(slide, detect_tissue(slide), target_mpp=2.0, patch_size=64)
+        assert len(coords) == len(grid) == feats.shape[0]
+        np.testing.assert_array_equal(coords, grid.coords)
+        assert 5 < len(grid) < 64  # some tissue, not the whole 8 × 8 grid
+        total += len(grid)
+    rows = manifest(out)
+    assert sum(int(rows[s.slide_id]["patches"]) for s in slides) == total
+    assert all(rows[s.slide_id]["status"] == "ok" for s in slides)
+
+
+def test_clam_style_reader_and_attrs(extracted):
+    root, slides, out = extracted
+    s = slides[0]
+    with h5py.File(out / f"{s.slide_id}.h5", "r") as f:  # what CLAM / TRIDENT loaders do
+        feats = f["features"][:]
+        coords = f["coords"][:]
+        assert feats.dtype == np.float32 and feats.ndim == 2 and feats.shape[1] == 96  # test_resnet width
+        assert coords.dtype == np.int64 and coords.shape == (feats.shape[0], 2)
+        assert np.isfinite(feats).all() and feats.std() > 0
+        for key in COORD_ATTRS:
+            assert key in f["coords"].attrs, key
+        for key in FILE_ATTRS:
+            assert key in f.attrs, key
+        assert f["coords"].attrs["level0_mpp"] == pytest.approx(0.5)
+        assert f["coords"].attrs["target_mpp"] == pytest.approx(2.0)
+        assert f["coords"].attrs["name"] == s.slide_id
+        assert f.attrs["encoder"] == "timm:test_resnet"
+        assert f.attrs["encoder_weights_sha256"] == "random-init"
+        assert Path(f.attrs["slide_path"]).resolve() == s.path.resolve()
+    # no temporaries left beside the results, one QC picture per slide
+    assert not list(out.glob(".*partial*"))
+    for s in slides:
+        qc = Image.open(out / "qc" / f"{s.slide_id}.png")
+        assert qc.format == "PNG" and max(qc.size) >= 256
+
+
+def test_zarr_holds_the_same_arrays(extracted, tmp_path):
+    root, slides, out = extracted
+    zout = tmp_path / "z"
+    assert run_cli("extract", root / "slides", "--out", zout, *EXTRACT_ARGS, "--workers", "0", "--format", "zarr") == 0
+    import zarr
+
+    store = zarr.open_group(str(zout / "features.zarr"), mode="r")
+    assert sorted(store.group_keys()) == sorted(s.slide_id for s in slides)
+    for s in slides:
+        f_h5, c_h5, ca_h5, fa_h5 = read_features(out / f"{s.slide_id}.h5")
+        f_z, c_z, ca_z, fa_z = read_features(zout / "features.zarr", s.slide_id)
+        np.testing.assert_array_equal(c_h5, c_z)
+        np.testing.assert_allclose(f_h5, f_z, rtol=1e-5, atol=1e-5)
+        assert {k: ca_h5[k] for k in COORD_ATTRS} == {k: ca_z[k] for k in COORD_ATTRS}
+        assert fa_z["encoder"] == fa_h5["encoder"]
+    assert not (zout / ".partial").exists() or not any((zout / ".partial").iterdir())
+
+
+def test_rerun_skips_done_and_overwrite_redoes(extracted, tmp_path):
+    root, slides, out = extracted
+    work = tmp_path / "f"
+    shutil.copytree(out, work)
+    target = work / f"{slides[0].slide_id}.h5"
+    before = target.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert run_cli("extract", root / "slides", "--out", work, *EXTRACT_ARGS, "--workers", "0") == 0
+    assert target.stat().st_mtime_ns == before
+    assert run_cli("extract", root / "slides", "--out", work, *EXTRACT_ARGS, "--workers", "0",
+                   "--slide-list", _write(tmp_path / "list.txt", slides[0].slide_id), "--overwrite") == 0
+    assert target.stat().st_mtime_ns != before
+    assert manifest(work)[slides[0].slide_id]["status"] == "ok"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_cohort(cohort, tmp_path_factory):
+    """Two good slides, one unreadable file and one slide that does not state its mpp."""
+    from wsimamba.slide.synth import synth_slide
+
+    root, slides = cohort
+    d = tmp_path_factory.mktemp("bad") / "slides"
+    d.mkdir()
+    for s in slides[:2]:
+        shutil.copy(s.path, d / s.path.name)
+    (d / "broken.svs").write_bytes(b"this is not a slide" * 100)
+    synth_slide(d / "nompp.svs", 1024, 1024, seed=3, mpp=None)
+    return d, slides[:2]
+
+
+def test_failing_slides_are_recorded_and_others_finish(bad_cohort, tmp_path, capsys):
+    d, good = bad_cohort
+    out = tmp_path / "f"
+    code = run_cli("extract", d, "--out", out, *EXTRACT_ARGS, "--workers", "0")
+    assert code == 1  # some slide failed
+    rows = manifest(out)
+    assert set(rows) == {"broken", "nompp"} | {s.slide_id for s in good}
+    for s in good:
+        assert rows[s.slide_id]["status"] == "ok" and (out / f"{s.slide_id}.h5").is_file()
+    assert rows["broken"]["status"] == "failed" and "broken.svs" in rows["broken"]["error"]
+    assert rows["nompp"]["status"] == "failed" and "--mpp-override" in rows["nompp"]["error"]
+    assert not (out / "broken.h5").exists() and not (out / "nompp.h5").exists()
+    errtext = capsys.readouterr().err
+    assert "failed: nompp" in errtext and "Traceback" not in errtext
+    # the fix the error names works, and the earlier results are kept
+    code = run_cli("extract", d, "--out", out, *EXTRACT_ARGS, "--workers", "0", "--mpp-override", "0.5",
+                   "--slide-list", _write(tmp_path / "l.txt", "nompp"))
+    assert code == 0
+    rows = manifest(out)
+    assert rows["nompp"]["status"] == "ok" and rows["broken"]["status"] == "failed"
+    _, _, cattrs, fattrs = read_features(out / "nompp.h5")
+    assert fattrs["mpp_source"] == "override" and cattrs["level0_mpp"] == pytest.approx(0.5)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_killed_run_leaves_no_final_file_and_resumes(cohort, tmp_path):
+    root, slides = cohort
+    out = tmp_path / "f"
+    # a slow encoder (batch of 1, big input) so the kill lands inside a slide
+    args = [sys.executable, "-m", "wsimamba", "extract", str(root / "slides"), "--out", str(out),
+            "--encoder", "timm:test_vit", "--random-init", "--target-mpp", "2.0", "--patch-size", "64",
+            "--device", "cpu", "--batch-size", "1", "--workers", "1"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = list(out.glob("*.h5"))
+            partial = list(out.glob(".*.h5.partial"))
+            if done and partial:  # one slide finished, the next one half written
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("extraction never reached a second slide")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    finals = sorted(p.stem for p in out.glob("*.h5"))
+    assert 1 <= len(finals) < len(slides)
+    for sid in finals:  # every file under a final name is complete
+        feats, coords, cattrs, fattrs = read_features(out / f"{sid}.h5")
+        assert len(feats) == len(coords) > 0 and "encoder" in fattrs and "name" in cattrs
+    assert list(out.glob(".*.h5.partial"))
+    # the rerun (same encoder, bigger batches) finishes the rest and cleans the temporary up
+    fast = args[: args.index("--batch-size")] + ["--batch-size", "32", "--workers", "0"]
+    code = subprocess.run(fast, env=_env(), capture_output=True, text=True, timeout=300)
+    assert code.returncode == 0, code.stderr
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(s.slide_id for s in slides)
+    assert not list(out.glob(".*.h5.partial"))
+    assert all(r["status"] == "ok" for r in manifest(out).values())
+
+
+def test_shards_cover_every_slide_once(cohort, tmp_path):
+    root, slides = cohort
+    out = tmp_path / "f"
+    seen = []
+    for i in range(3):
+        sub = tmp_path / f"s{i}"
+        assert run_cli("extract", root / "slides", "--out", sub, *EXTRACT_ARGS, "--workers", "0", "--shard", f"{i}/3") == 0
+        seen += [p.stem for p in sub.glob("*.h5")]
+    assert sorted(seen) == sorted(s.slide_id for s in slides)
+    # two shards into one folder share one manifest without losing rows
+    for i in range(2):
+        assert run_cli("extract", root / "slides", "--out", out, *EXTRACT_ARGS, "--workers", "0", "--shard", f"{i}/2") == 0
+    assert set(manifest(out)) == {s.slide_id for s in slides}
+
+
+def test_select_shard_partitions_under_torchrun():
+    from wsimamba.features.extract import select_shard
+
+    rng = np.random.default_rng()
+    paths = [Path(f"/x/s{int(v)}.svs") for v in rng.permutation(1000)[: rng.integers(1, 60)]]
+    for n in (1, 2, 5):
+        for w in (1, 3):
+            parts = [select_shard(paths, (i, n), (r, w)) for i in range(n) for r in range(w)]
+            flat = [p for part in parts for p in part]
+            assert sorted(flat) == sorted(paths) and len(set(flat)) == len(flat)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            # deterministic whatever the input order
+            assert select_shard(list(reversed(paths)), (0, n), (w - 1, w)) == parts[w - 1]
+
+
+def test_torchrun_rank_takes_its_part(cohort, tmp_path, monkeypatch):
+    root, slides = cohort
+    outs = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        out = tmp_path / f"r{rank}"
+        assert run_cli("extract", root / "slides", "--out", out, *EXTRACT_ARGS, "--workers", "0") == 0
+        outs.append({p.stem for p in out.glob("*.h5")})
+    assert outs[0].isdisjoint(outs[1]) and outs[0] | outs[1] == {s.slide_id for s in slides}
+
+
+def test_dataloader_workers_give_the_same_features(extracted, tmp_path):
+    root, slides, out = extracted
+    w = tmp_path / "w"
+    assert run_cli("extract", root / "slides", "--out", w, *EXTRACT_ARGS, "--workers", "2",
+                   "--slide-list", _write(tmp_path / "l.txt", slides[1].slide_id)) == 0
+    a, ca, _, _ = read_features(out / f"{slides[1].slide_id}.h5")
+    b, cb, _, _ = read_features(w / f"{slides[1].slide_id}.h5")
+    np.testing.assert_array_equal(ca, cb)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_user_tissue_masks_restrict_the_grid(cohort, tmp_path):
+    root, slides = cohort
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    s = slides[0]
+    m = np.zeros((64, 64), np.uint8)
+    m[:, :32] = 255  # tissue only on the left half
+    Image.fromarray(m).save(masks / f"{s.slide_id}.png")
+    out = tmp_path / "f"
+    assert run_cli("extract", root / "slides", "--out", out, *EXTRACT_ARGS, "--workers", "0",
+                   "--tissue-masks", masks, "--slide-list", _write(tmp_path / "l.txt", s.slide_id),
+                   "--min-tissue", "1.0") == 0
+    _, coords, cattrs, fattrs = read_features(out / f"{s.slide_id}.h5")
+    assert (coords[:, 0] + 256 <= s.width / 2).all()
+    assert len(coords) == (s.height // 256) * ((s.width // 2) // 256)  # the mask ignores the real tissue
+    assert fattrs["tissue_mask_source"].endswith(f"{s.slide_id}.png")
+
+
+def test_non_pyramidal_tiff_through_tifffile(cohort, tmp_path):
+    root, slides = cohort
+    with open_slide(slides[0].path) as slide:
+        img = slide.read_region((0, 0), 0, slide.dimensions)
+    d = tmp_path / "slides"
+    d.mkdir()
+    # stripped, single-level: OpenSlide refuses it, tifffile reads it; 0.5 µm/px = 20000 px/cm
+    tifffile.imwrite(d / "plain.tif", img, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    out = tmp_path / "f"
+    assert run_cli("extract", d, "--out", out, *EXTRACT_ARGS, "--workers", "0") == 0
+    f_t, c_t, cattrs, fattrs = read_features(out / "plain.h5")
+    assert fattrs["slide_backend"] == "tifffile" and cattrs["level0_mpp"] == pytest.approx(0.5)
+    # same pixels as the SVS (up to its JPEG) give the same grid
+    with open_slide(slides[0].path) as slide:
+        grid = make_grid(slide, detect_tissue(slide), target_mpp=2.0, patch_size=64)
+    overlap = {tuple(c) for c in c_t} & {tuple(c) for c in grid.coords}
+    assert len(overlap) >= 0.9 * len(grid.coords)
+
+
+def test_encoder_weights_are_required_loaded_and_recorded(cohort, tmp_path):
+    import timm
+
+    from wsimamba.errors import EncoderError
+    from wsimamba.features.encoders import create_encoder
+
+    with pytest.raises(EncoderError, match="--weights"):
+        create_encoder("resnet50-trunc")
+    with pytest.raises(EncoderError, match="unknown encoder 'nope'"):
+        create_encoder("nope", random_init=True)
+    with pytest.raises(EncoderError, match="no such weight file"):
+        create_encoder("timm:test_resnet", weights=tmp_path / "missing.pt")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"not.a.key": torch.zeros(3)}, wrong)
+    with pytest.raises(EncoderError, match="missing .* keys"):
+        create_encoder("timm:test_resnet", weights=wrong)
+    # a real state dict round-trips: same weights, same features, its hash recorded
+    torch.manual_seed(11)
+    ref = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    wfile = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, wfile)
+    enc = create_encoder("timm:test_resnet", weights=wfile)
+    x = torch.randn(2, 3, 64, 64)
+    ref.eval()
+    torch.testing.assert_close(enc.model(x), ref(x))
+    assert len(enc.weights_sha256) == 64
+    root, slides = cohort
+    out = tmp_path / "f"
+    args = [a for a in EXTRACT_ARGS if a != "--random-init"]
+    assert run_cli("extract", root / "slides", "--out", out, *args, "--weights", wfile, "--workers", "0",
+                   "--slide-list", _write(tmp_path / "l.txt", slides[0].slide_id)) == 0
+    _, _, _, fattrs = read_features(out / f"{slides[0].slide_id}.h5")
+    assert fattrs["encoder_weights_sha256"] == enc.weights_sha256
+
+
+def test_resnet50_trunc_is_clam_shaped():
+    from wsimamba.features.encoders import create_encoder
+
+    enc = create_encoder("resnet50-trunc", random_init=True)
+    assert enc.dim == 1024 and enc.input_size is None
+    with torch.no_grad():
+        assert enc.model(torch.randn(1, 3, 64, 64)).shape == (1, 1024)
+    # torchvision ResNet-50 state dicts load (layer4 and fc are ignored)
+    import torchvision
+
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    from wsimamba.features.encoders import _apply_weights
+
+    _apply_weights("resnet50-trunc", enc.model, _save(sd))
+    torch.testing.assert_close(enc.model.layer3[0].conv1.weight, sd["layer3.0.conv1.weight"])
+
+
+def _save(sd) -> Path:
+    import tempfile
+
+    p = Path(tempfile.mkdtemp()) / "r50.pt"
+    torch.save(sd, p)
+    return p
+
+
+def _run_subprocess(*args):
+    return subprocess.run([sys.executable, "-m", "wsimamba", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _run_subprocess("extract", tmp_path / "nowhere", "--random-init")
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: {tmp_path / 'nowhere'}: no such slide folder"]
+    r = _run_subprocess("extract", tmp_path, "--overlap", "300", "--random-init")
+    assert r.returncode == 1 and "overlap (300) must be smaller than patch_size (256)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _run_subprocess("extract", tmp_path, "--shard", "3/2", "--random-init")
+    assert r.returncode == 1 and r.stderr.startswith("error: --shard '3/2'")
+    r = _run_subprocess("extract", tmp_path, "--no-such-flag")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--no-such-flag" in r.stderr
+    r = _run_subprocess("--debug", "extract", tmp_path / "nowhere", "--random-init")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    for cmd in ("synth", "extract", "demo"):
+        r = _run_subprocess(cmd, "--help")
+        assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_slide_list_naming_unknown_slides_is_an_error(cohort, tmp_path, capsys):
+    root, slides = cohort
+    code = run_cli("extract", root / "slides", "--out", tmp_path / "f", *EXTRACT_ARGS,
+                   "--slide-list", _write(tmp_path / "l.txt", "ghost_slide"))
+    assert code == 1
+    assert "ghost_slide" in capsys.readouterr().err
