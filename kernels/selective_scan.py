@@ -1,0 +1,511 @@
+"""Fused selective scan in Triton: forward and locally bidirectional (LBMamba), forward and backward.
+
+Contract: DESIGN.md "The selective scan contract"; `wsimamba.ops.selective_scan(..., backend="triton")`
+calls `selective_scan` below with validated arguments. Shapes (mamba-ssm layout):
+
+    u, delta, z   (batch, dim, length)        fp32 / fp16 / bf16
+    A             (dim, state)                fp32
+    B, C          (batch, groups, state, length)  (3-D (batch, state, length) = one group)
+    D, delta_bias (dim,)                      fp32
+
+How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
+
+- One program owns a tile of BLOCK_D channels of one batch element and walks the length in chunks
+  of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
+  chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
+  h_t = a_t h_{t-1} + b_t is an associative scan along T. Nothing of size (batch, dim, length,
+  state) touches memory; B_n and C_n are read once per tile of channels.
+- Local bidirectionality rides on the same a and b: g_t = ã_t g_{t+1} + b_t is a reverse scan with
+  ã = a except 0 at every window end, and H_t = h_t + a_t g_{t+1} = h_t + g_t - b_t needs no shift.
+  Chunks advance by a whole number of windows, so windows never straddle chunks.
+- The forward saves the state entering every chunk; the backward walks chunks in reverse,
+  recomputes h from those states, and gets the adjoints from scans whose combine functions fold
+  in the one-step shift the adjoint recurrences need (λ_t = dH_t + a_{t+1} λ_{t+1} and, for the
+  window term, μ_t = dH_t + ã_{t-1} μ_{t-1}), so no extra exponentials and no register shifts.
+  dB and dC are reduced over the channel tile on chip before one atomic add per (state, position).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DIRECTIONS = ("forward", "reverse", "bidirectional", "local_bidirectional")
+MAX_STATE = 256
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TritonScanError(ValueError):
+    """Arguments the Triton kernel cannot take (the dispatch layer turns it into a WsimambaError)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan combine functions. Triton's reverse scan calls combine(later, earlier).
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # forward: (earlier, later); the composition "apply 1, then 2" of x -> a x + b
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _lambda_combine(f_r, p_r, x_r, f_l, p_l, x_l):
+    # reverse scan for λ_t = dH_t + a_{t+1} λ_{t+1}. A segment [s..e] is (f, P, X) with
+    # λ_s = X + P · (a_{e+1} λ_{e+1}) and f = a_s, which the segment to its left multiplies in.
+    k = p_l * f_r
+    return f_l, k * p_r, x_l + k * x_r
+
+
+@triton.jit
+def _mu_combine(l_l, p_l, x_l, l_r, p_r, x_r):
+    # forward scan for μ_t = dH_t + ã_{t-1} μ_{t-1}. A segment [s..e] is (l, P, X) with
+    # μ_e = X + P · (ã_{s-1} μ_{s-1}) and l = ã_e, which the segment to its right multiplies in.
+    k = p_r * l_l
+    return l_r, k * p_l, x_r + k * x_l
+
+
+@triton.jit
+def _softplus(x):
+    # PyTorch's softplus (beta 1, threshold 20)
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _column(tile, n_idx, n: tl.constexpr):
+    return tl.sum(tl.where(n_idx[None, :] == n, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _lane(tile, t_idx, t: tl.constexpr):
+    return tl.sum(tl.where(t_idx[None, :] == t, tile, 0.0), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr,
+    L, DIM, DPG, n_chunks,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_ob, s_od,
+    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An,
+    s_hb, s_hd, s_hn,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    g = d0 // DPG  # the whole tile lies in one group (the launcher guarantees it)
+    t_idx = tl.arange(0, T)
+    n_idx = tl.arange(0, N)
+    in_step = t_idx < STEP
+    if WINDOW > 0:
+        keep = ((t_idx + 1) % WINDOW) != 0  # ã = 0 at every window end: g restarts
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    hc = tl.zeros((BLOCK_D, N), dtype=tl.float32)  # state entering the chunk
+    for c in range(n_chunks):
+        t0 = c * STEP
+        offs_t = t0 + t_idx
+        mask_t = in_step & (offs_t < L)
+        mask = mask_d[:, None] & mask_t[None, :]
+        if SAVE_STATES:
+            hp = hs_ptr + b * s_hb + offs_d[:, None] * s_hd + n_idx[None, :] * s_hn + c
+            tl.store(hp, hc, mask=mask_d[:, None])
+        u = tl.load(u_ptr + b * s_ub + offs_d[:, None] * s_ud + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + b * s_tb + offs_d[:, None] * s_td + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask, dt, 0.0)  # padding: a = 1, b = 0 passes the state through
+        dtu = dt * u
+        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        for n in tl.static_range(N):
+            An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
+            Bn = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.exp(dt * An[:, None])
+            bx = dtu * Bn[None, :]
+            pa, px = tl.associative_scan((a, bx), 1, _affine_combine)
+            h = pa * _column(hc, n_idx, n)[:, None] + px
+            if WINDOW > 0:
+                am = tl.where(keep[None, :], a, 0.0)
+                _, gg = tl.associative_scan((am, bx), 1, _affine_combine, reverse=True)
+                y += Cn[None, :] * (h + gg - bx)
+            else:
+                y += Cn[None, :] * h
+            h_end = _lane(h, t_idx, T - 1)
+            hc = tl.where(n_idx[None, :] == n, h_end[:, None], hc)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + b * s_zb + offs_d[:, None] * s_zd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + b * s_ob + offs_d[:, None] * s_od + offs_t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SAVE_LAST:
+        lp = last_ptr + b * DIM * N + offs_d[:, None] * N + n_idx[None, :]
+        tl.store(lp, hc, mask=mask_d[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, hs_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    L, DIM, DPG, n_chunks,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd,
+    s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An,
+    s_hb, s_hd, s_hn,
+    s_dBb, s_dBg, s_dBn, s_dCb, s_dCg, s_dCn,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    g = d0 // DPG
+    t_idx = tl.arange(0, T)
+    n_idx = tl.arange(0, N)
+    in_step = t_idx < STEP
+    if WINDOW > 0:
+        keep = ((t_idx + 1) % WINDOW) != 0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    lc = tl.zeros((BLOCK_D, N), dtype=tl.float32)  # a_s λ_s of the first position of the chunk after
+    ones = tl.full((BLOCK_D, T), 1.0, dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t0 = c * STEP
+        offs_t = t0 + t_idx
+        mask_t = in_step & (offs_t < L)
+        mask = mask_d[:, None] & mask_t[None, :]
+        row = offs_d[:, None]
+        hc = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c, mask=mask_d[:, None], other=0.0)
+        u = tl.load(u_ptr + b * s_ub + row * s_ud + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt_raw = tl.load(dt_ptr + b * s_tb + row * s_td + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + b * s_gb + row * s_gd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        dt = tl.where(mask, dt, 0.0)
+        dtu = dt * u
+        if HAS_Z:
+            z = tl.load(z_ptr + b * s_zb + row * s_zd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig_z = tl.sigmoid(z)
+            dy = dout * z * sig_z
+            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        else:
+            dy = dout
+        dy = tl.where(mask, dy, 0.0)
+        ddt = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        for n in tl.static_range(N):
+            An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
+            Bn = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.exp(dt * An[:, None])
+            bx = dtu * Bn[None, :]
+            pa, px = tl.associative_scan((a, bx), 1, _affine_combine)
+            h = pa * _column(hc, n_idx, n)[:, None] + px
+            dH = dy * Cn[None, :]
+            _, pl, xl = tl.associative_scan((a, ones, dH), 1, _lambda_combine, reverse=True)
+            lam = xl + pl * _column(lc, n_idx, n)[:, None]
+            lc_new = _lane(a * lam, t_idx, 0)
+            lc = tl.where(n_idx[None, :] == n, lc_new[:, None], lc)
+            if WINDOW > 0:
+                am = tl.where(keep[None, :], a, 0.0)
+                _, gg = tl.associative_scan((am, bx), 1, _affine_combine, reverse=True)
+                _, _, mu = tl.associative_scan((am, ones, dH), 1, _mu_combine)
+                dbx = lam + mu - dH
+                q = lam * (h - bx) + mu * (gg - bx)
+                H = h + gg - bx
+            else:
+                dbx = lam
+                q = lam * (h - bx)
+                H = h
+            ddt += q * An[:, None] + dbx * Bn[None, :] * u
+            du += dbx * dt * Bn[None, :]
+            dA_n = tl.sum(q * dt, axis=1)
+            dA_acc = tl.where(n_idx[None, :] == n, dA_acc + dA_n[:, None], dA_acc)
+            # reduce over the channel tile on chip, then one atomic add per (n, t)
+            dB_n = tl.sum(dbx * dtu, axis=0)
+            dC_n = tl.sum(dy * H, axis=0)
+            tl.atomic_add(dB_ptr + b * s_dBb + g * s_dBg + n * s_dBn + offs_t, dB_n, mask=mask_t)
+            tl.atomic_add(dC_ptr + b * s_dCb + g * s_dCg + n * s_dCn + offs_t, dC_n, mask=mask_t)
+            if HAS_Z:
+                y += Cn[None, :] * H
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if HAS_Z:
+            if HAS_D:
+                y += Dv[:, None] * u
+            dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
+            tl.store(dz_ptr + b * s_zb + row * s_zd + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(tl.where(mask, ddt, 0.0), axis=1)
+        tl.store(du_ptr + b * s_ub + row * s_ud + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddt_ptr + b * s_tb + row * s_td + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx[None, :], dA_acc, mask=mask_d[:, None])
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _config(dim: int, groups: int, state: int, window: int | None, backward: bool, override: dict | None = None) -> dict:
+    """Tile sizes: BLOCK_D channels × T positions per state; T a power of two ≥ the window.
+
+    `override` (keys BLOCK_D, T, num_warps) is for tuning; the group rule still applies.
+    """
+    T = 64
+    block_d = 16 if backward else 32
+    if state > 32:
+        block_d //= 2
+    num_warps = None
+    if override:
+        T = override.get("T", T)
+        block_d = override.get("BLOCK_D", block_d)
+        num_warps = override.get("num_warps")
+    if window:
+        T = max(T, triton.next_power_of_2(window))
+    dpg = dim // groups
+    if groups > 1:
+        # a tile must not straddle two groups: largest power of two ≤ block_d dividing dim/groups
+        while block_d > 1 and dpg % block_d:
+            block_d //= 2
+    else:
+        block_d = min(block_d, triton.next_power_of_2(dim))
+    step = T if not window else (T // window) * window
+    if num_warps is None:
+        num_warps = 4 if block_d * T <= 1024 else 8
+    return dict(BLOCK_D=block_d, T=T, STEP=step, num_warps=num_warps)
+
+
+# Tests set this to fill outputs with NaN before each launch, so unwritten elements show.
+POISON_OUTPUTS = False
+# Tests and tuning set this ({"fwd": {...}, "bwd": {...}}, keys BLOCK_D, T, num_warps) to force tiles.
+TILE_OVERRIDE: dict | None = None
+
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if POISON_OUTPUTS else torch.empty_like(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side: checks, autograd
+
+
+def _as_groups(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    if t.dim() != 4:
+        raise TritonScanError(f"{name} must be (batch, state, length) or (batch, groups, state, length), got {tuple(t.shape)}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias):
+    for name, t in (("u", u), ("delta", delta), ("z", z)):
+        if t is None:
+            continue
+        if t.dtype not in _DTYPES:
+            raise TritonScanError(f"{name}: dtype {t.dtype} not supported by the Triton scan (fp32, fp16, bf16)")
+        if t.dim() != 3 or t.shape != u.shape:
+            raise TritonScanError(f"{name} must be (batch, dim, length) like u {tuple(u.shape)}, got {tuple(t.shape)}")
+    if A.dtype != torch.float32 or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise TritonScanError(f"A must be fp32 (dim, state) with dim {u.shape[1]}, got {A.dtype} {tuple(A.shape)}")
+    if A.shape[1] > MAX_STATE:
+        raise TritonScanError(f"A: state size {A.shape[1]} exceeds the Triton scan's limit {MAX_STATE}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dtype not in _DTYPES:
+            raise TritonScanError(f"{name}: dtype {t.dtype} not supported by the Triton scan")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != u.shape[1]):
+            raise TritonScanError(f"{name} must be (dim,) = ({u.shape[1]},), got {tuple(t.shape)}")
+    if not u.is_cuda and not _interpreting():
+        raise TritonScanError("the Triton scan runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
+    """Launch the forward kernel. Returns out, saved chunk states (or None), last state (or None), config."""
+    batch, dim, L = u.shape
+    groups, N = B4.shape[1], A.shape[1]
+    if dim % groups:
+        raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
+    cfg = _config(dim, groups, N, window, backward=False, override=cfg)
+    n_chunks = triton.cdiv(L, cfg["STEP"])
+    Np = triton.next_power_of_2(N)
+    if Np != N:
+        # pad the state to a power of two (tl.arange); padded states have B = C = 0 and A = 0
+        A = torch.nn.functional.pad(A, (0, Np - N))
+        B4 = torch.nn.functional.pad(B4, (0, 0, 0, Np - N))
+        C4 = torch.nn.functional.pad(C4, (0, 0, 0, Np - N))
+    out = _out_like(u)
+    hs = torch.empty((batch, dim, Np, n_chunks), device=u.device, dtype=torch.float32) if save_states else out
+    last = torch.empty((batch, dim, Np), device=u.device, dtype=torch.float32) if save_last else out
+    zz = z if z is not None else u
+    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+    _fwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, out, hs, last,
+        L, dim, dim // groups, n_chunks,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
+        B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), A.stride(0), A.stride(1),
+        hs.stride(0) if save_states else 0, hs.stride(1) if save_states else 0, hs.stride(2) if save_states else 0,
+        N=Np, BLOCK_D=cfg["BLOCK_D"], T=cfg["T"], STEP=cfg["STEP"], WINDOW=int(window or 0),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=cfg["num_warps"],
+    )
+    return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), cfg
+
+
+def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None):
+    """Launch the backward kernel; `fwd_cfg` is the forward's config (its chunks index `hs`)."""
+    batch, dim, L = u.shape
+    groups, N = B4.shape[1], A.shape[1]
+    Np = hs.shape[2]
+    cfg = _config(dim, groups, N, window, backward=True, override={**(cfg or {}), "T": fwd_cfg["T"]})
+    cfg["STEP"] = fwd_cfg["STEP"]
+    n_chunks = hs.shape[3]
+    if Np != N:
+        A = torch.nn.functional.pad(A, (0, Np - N))
+        B4 = torch.nn.functional.pad(B4, (0, 0, 0, Np - N))
+        C4 = torch.nn.functional.pad(C4, (0, 0, 0, Np - N))
+    dout = _rows(dout)
+    du = _out_like(u)
+    ddt = _out_like(delta)
+    dz = _out_like(z) if z is not None else None
+    dA = torch.zeros((dim, Np), device=u.device, dtype=torch.float32)
+    dB = torch.zeros(B4.shape, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(C4.shape, device=u.device, dtype=torch.float32)
+    dD = torch.zeros(dim, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.zeros(dim, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    zz = z if z is not None else u
+    dzz = dz if dz is not None else du
+    grid = (triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+    _bwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else u, zz, delta_bias if delta_bias is not None else u, dout, hs,
+        du, ddt, dA, dB, dC, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA,
+        L, dim, dim // groups, n_chunks,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
+        B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), A.stride(0), A.stride(1),
+        hs.stride(0), hs.stride(1), hs.stride(2),
+        dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
+        N=Np, BLOCK_D=cfg["BLOCK_D"], T=cfg["T"], STEP=cfg["STEP"], WINDOW=int(window or 0),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        num_warps=cfg["num_warps"],
+    )
+    return du, ddt, dA[:, :N], dB[:, :, :N], dC[:, :, :N], dD, dz, dbias
+
+
+class _ScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state):
+        B3, C3 = B.dim() == 3, C.dim() == 3
+        B4, C4 = _as_groups(B, "B"), _as_groups(C, "C")
+        if B4.shape[1] != C4.shape[1]:
+            raise TritonScanError(f"B and C must have the same groups, got {B4.shape[1]} and {C4.shape[1]}")
+        u, delta = _rows(u), _rows(delta)
+        z = _rows(z) if z is not None else None
+        A = A.contiguous()
+        need_grad = any(ctx.needs_input_grad[:8])
+        tiles = TILE_OVERRIDE or {}
+        out, hs, last, cfg = _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, need_grad, return_last_state,
+                                  cfg=tiles.get("fwd"))
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, hs)
+        ctx.cfg = cfg
+        ctx.softplus, ctx.window, ctx.B3, ctx.C3 = softplus, window, B3, C3
+        ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
+        if return_last_state:
+            ctx.mark_non_differentiable(last)
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        u, delta, A, B4, C4, D, z, delta_bias, hs = ctx.saved_tensors
+        du, ddt, dA, dB, dC, dD, dz, dbias = _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ctx.window, hs, ctx.cfg,
+                                                   cfg=(TILE_OVERRIDE or {}).get("bwd"))
+        dB = dB.to(ctx.B_dtype)
+        dC = dC.to(ctx.C_dtype)
+        if ctx.B3:
+            dB = dB.squeeze(1)
+        if ctx.C3:
+            dC = dC.squeeze(1)
+        return du, ddt, dA, dB, dC, dD, dz, dbias, None, None, None
+
+
+def _one(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state):
+    return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   direction="forward", window=None, return_last_state=False):
+    """The Triton backend of `wsimamba.ops.selective_scan` (arguments already validated there).
+
+    Returns out (batch, dim, length) in u's dtype, and (batch, dim, state) fp32 last state with
+    `return_last_state` (forward direction only).
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    if direction not in DIRECTIONS:
+        raise TritonScanError(f"direction {direction!r} not supported by the Triton scan")
+    if return_last_state and direction != "forward":
+        raise TritonScanError("return_last_state is only defined for direction='forward'")
+    if direction == "local_bidirectional" and (window is None or window < 1):
+        raise TritonScanError(f"local_bidirectional needs a positive window, got {window!r}")
+    if direction == "forward":
+        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
+    if direction == "local_bidirectional":
+        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, int(window), False)
+
+    def flip(t):
+        return None if t is None else t.flip(-1)
+
+    rev = _one(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus, None, False).flip(-1)
+    if direction == "reverse":
+        return rev
+    return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, False) + rev

@@ -1,0 +1,185 @@
+"""The Triton selective scan against the reference, forward and every gradient.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py before Triton is imported) at small sizes; the `gpu` tests run the compiled kernels at
+full sizes on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsimamba.kernels import selective_scan as ks
+from wsimamba.ops.selective_scan import selective_scan_naive, selective_scan_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16}, "bwd": {"BLOCK_D": 2}}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ks, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 channels × 16 positions: many tiles and chunks at sizes the interpreter runs fast."""
+    if DEV == "cpu":
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", SMALL_TILES)
+
+
+def _inputs(batch, dim, length, state, groups=None, z=True, D=True, bias=True, dtype=torch.float32, seed=None, device=DEV):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device)
+
+    bshape = (batch, state, length) if groups is None else (batch, groups, state, length)
+    return dict(
+        u=r(batch, dim, length).to(dtype),
+        delta=r(batch, dim, length, scale=0.5).to(dtype),
+        A=(-(torch.rand(dim, state, generator=g) * 2 + 0.05)).to(device),
+        B=r(*bshape),
+        C=r(*bshape),
+        D=r(dim) if D else None,
+        z=r(batch, dim, length).to(dtype) if z else None,
+        delta_bias=r(dim, scale=0.3) if bias else None,
+    )
+
+
+def _run(fn, args, grad_out, **kw):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items() if v is not None}
+    call = {k: leaves.get(k) for k in args}
+    out = fn(**call, **kw)
+    (out.float() * grad_out).sum().backward()
+    return out.float(), {k: v.grad.float() for k, v in leaves.items()}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _compare(args, tol, **kw):
+    ref_args = {k: (v.float() if v is not None else None) for k, v in args.items()}
+    out_ref, g_ref = _run(selective_scan_reference, ref_args, _grad_like(args), **kw)
+    out, g = _run(ks.selective_scan, args, _grad_like(args), **kw)
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert _rel(out, out_ref) < tol, ("out", _rel(out, out_ref))
+    for k in g_ref:
+        assert torch.isfinite(g[k]).all(), f"d{k} has unwritten elements"
+        assert _rel(g[k], g_ref[k]) < tol, (f"d{k}", _rel(g[k], g_ref[k]))
+
+
+_GRAD = {}
+
+
+def _grad_like(args):
+    u = args["u"]
+    key = (tuple(u.shape), u.device.type)
+    if key not in _GRAD:
+        _GRAD.clear()
+        _GRAD[key] = torch.randn(u.shape, device=u.device)
+    return _GRAD[key]
+
+
+CASES = [
+    # (batch, dim, length, state, groups)
+    (1, 1, 1, 4, None),
+    (2, 5, 7, 4, None),
+    (1, 3, 70, 3, None),  # length past one tile, odd state (padded to a power of two)
+    (2, 11, 40, 4, None),  # dim not a multiple of the channel tile, length over several tiles
+    (1, 8, 65, 4, 2),  # grouped B / C
+]
+
+
+@pytest.mark.parametrize("batch,dim,length,state,groups", CASES)
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4), ("local_bidirectional", 3)])
+def test_matches_reference_fp32(batch, dim, length, state, groups, direction, window, small_tiles):
+    args = _inputs(batch, dim, length, state, groups)
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+
+
+@pytest.mark.parametrize("z,D,bias,softplus", [(False, False, False, False), (True, False, True, False), (False, True, False, True)])
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 2), ("reverse", None), ("bidirectional", None)])
+def test_optional_inputs_and_directions(z, D, bias, softplus, direction, window, small_tiles):
+    args = _inputs(2, 6, 41, 4, z=z, D=D, bias=bias)
+    if not softplus:
+        # Δ is a step size: without softplus the caller passes positive values (negative ones make
+        # exp(Δ A) > 1 and the state explode, where no two summation orders agree to 1e-5)
+        args["delta"] = args["delta"].abs()
+        if bias:
+            args["delta_bias"] = args["delta_bias"].abs()
+    _compare(args, 1e-5, delta_softplus=softplus, direction=direction, window=window)
+
+
+@pytest.mark.parametrize("window", [1, 16, 64])
+def test_window_edge_cases_default_tiles(window):
+    # the shipped tile sizes; window 1 is the plain forward scan, window 64 fills a whole tile
+    args = _inputs(1, 4, 150, 4)
+    _compare(args, 1e-5, delta_softplus=True, direction="local_bidirectional", window=window)
+
+
+def test_bf16_inputs_within_bf16_tolerance_of_fp32(small_tiles):
+    args = _inputs(1, 6, 90, 8, dtype=torch.bfloat16)
+    _compare(args, 2e-2, delta_softplus=True, direction="local_bidirectional", window=8)
+
+
+def test_last_state_matches_the_naive_loop(small_tiles):
+    args = _inputs(2, 5, 75, 4, z=False)
+    out, last = ks.selective_scan(**args, delta_softplus=True, direction="forward", return_last_state=True)
+    out_ref, last_ref = selective_scan_naive(**args, delta_softplus=True, direction="forward", return_last_state=True)
+    assert _rel(out, out_ref) < 1e-5 and _rel(last, last_ref) < 1e-5
+
+
+def test_large_state(small_tiles):
+    args = _inputs(1, 2, 20, 64)
+    _compare(args, 1e-5, delta_softplus=True, direction="local_bidirectional", window=4)
+
+
+def test_rejects_what_it_cannot_take():
+    args = _inputs(1, 4, 8, 4)
+    with pytest.raises(ks.TritonScanError, match="dtype"):
+        ks.selective_scan(**{**args, "u": args["u"].double()})
+    with pytest.raises(ks.TritonScanError, match="A must be fp32"):
+        ks.selective_scan(**{**args, "A": args["A"].half()})
+    with pytest.raises(ks.TritonScanError, match="window"):
+        ks.selective_scan(**args, direction="local_bidirectional", window=0)
+    with pytest.raises(ks.TritonScanError, match="return_last_state"):
+        ks.selective_scan(**args, direction="reverse", return_last_state=True)
+
+
+def test_non_contiguous_inputs(small_tiles):
+    args = _inputs(2, 6, 33, 4)
+    # a (batch, length, dim) buffer viewed as (batch, dim, length): stride 1 along dim, not length
+    args["u"] = args["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    args["B"] = args["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    _compare(args, 1e-5, delta_softplus=True, direction="local_bidirectional", window=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# full sizes, compiled, on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 16)])
+def test_gpu_long_sequence_fp32(direction, window):
+    args = _inputs(1, 64, 2**17, 16, device="cuda")
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+
+
+@pytest.mark.gpu
+def test_gpu_batched_bf16_through_dispatch():
+    from wsimamba.ops import selective_scan
+
+    args = _inputs(4, 192, 3001, 16, groups=None, dtype=torch.bfloat16, device="cuda")
+    ref_args = {k: (v.float() if v is not None else None) for k, v in args.items()}
+    out_ref, g_ref = _run(selective_scan_reference, ref_args, _grad_like(args), delta_softplus=True,
+                          direction="local_bidirectional", window=8)
+    out, g = _run(selective_scan, args, _grad_like(args), delta_softplus=True, direction="local_bidirectional",
+                  window=8, backend="triton")
+    assert _rel(out, out_ref) < 2e-2
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 2e-2, k
