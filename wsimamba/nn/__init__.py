@@ -1,0 +1,5 @@
+"""Building blocks (nn.Module): the Mamba block and its variants."""
+
+from wsimamba.nn.mamba import AlternatingFlip, BiMamba, LBMamba, Mamba, SRMamba, stride_reorder, stride_restore
+
+__all__ = ["AlternatingFlip", "BiMamba", "LBMamba", "Mamba", "SRMamba", "stride_reorder", "stride_restore"]

@@ -1,0 +1,293 @@
+"""Mamba blocks: the Mamba (S6) mixer and the variants the MIL aggregators and vision backbones use.
+
+Every block maps hidden states (batch, length, d_model) to (batch, length, d_model). Parameter names
+follow mamba-ssm (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and, for the second branch,
+Vim / MambaMIL (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b), so their checkpoints load by name.
+
+- :class:`Mamba`    one branch; the scan direction is an argument (``reverse`` runs the whole block on
+                    the flipped sequence, so its convolution looks ahead instead of back).
+- :class:`BiMamba`  Vim v2: a second branch over the flipped sequence; in_proj/out_proj shared; averaged.
+- :class:`SRMamba`  MambaMIL: a second branch over the sequence reordered with stride ``rate``; summed.
+- :class:`LBMamba`  a Mamba block whose scan is ``local_bidirectional``.
+- :class:`AlternatingFlip`  runs a stack of layers, reversing the sequence (and residual) after each (LBVim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsimamba.ops import selective_scan
+from wsimamba.ops.selective_scan import DIRECTIONS, ScanArgumentError
+
+__all__ = ["AlternatingFlip", "BiMamba", "LBMamba", "Mamba", "SRMamba", "stride_reorder", "stride_restore"]
+
+
+# parameter factories shared by every branch: depthwise causal conv, dt_proj, A_log, D
+
+
+def _conv(d_inner: int, d_conv: int, bias: bool) -> nn.Conv1d:
+    return nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=bias)
+
+
+def _dt_proj(dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> nn.Linear:
+    proj = nn.Linear(dt_rank, d_inner, bias=True)
+    bound = dt_rank**-0.5  # keeps the variance of dt at initialisation independent of dt_rank
+    nn.init.uniform_(proj.weight, -bound, bound)
+    # bias = softplus⁻¹(dt) with dt log-uniform in [dt_min, dt_max], so the scan starts at those step sizes
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    with torch.no_grad():
+        proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    proj.bias._no_reinit = True  # model-level initialisers must not zero this bias
+    return proj
+
+
+def _a_log(d_inner: int, d_state: int) -> nn.Parameter:
+    # S4D-real: A = −(1, 2, …, N) in every channel, stored as log so that A stays negative in training
+    a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+    param = nn.Parameter(torch.log(a))
+    param._no_weight_decay = True
+    return param
+
+
+def _skip(d_inner: int) -> nn.Parameter:
+    param = nn.Parameter(torch.ones(d_inner))
+    param._no_weight_decay = True
+    return param
+
+
+def _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction):
+    for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScanArgumentError(f"{name}: expected a positive int, got {value!r}")
+    if dt_rank != "auto" and (isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1):
+        raise ScanArgumentError(f"dt_rank: expected 'auto' or a positive int, got {dt_rank!r}")
+    if direction not in DIRECTIONS:
+        raise ScanArgumentError(f"direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
+
+
+def _check_hidden(hidden: torch.Tensor, d_model: int) -> None:
+    if hidden.dim() != 3 or hidden.shape[-1] != d_model or hidden.shape[1] < 1:
+        raise ScanArgumentError(
+            f"hidden_states: expected shape (batch, length ≥ 1, {d_model}), got ({', '.join(map(str, hidden.shape))})"
+        )
+
+
+class Mamba(nn.Module):
+    """The Mamba (S6) block.
+
+    in_proj → (x, z); x → depthwise causal conv1d (kernel ``d_conv``) → SiLU → x_proj → (dt, B, C);
+    dt → dt_proj (bias passed to the scan as delta_bias, softplus inside); A = −exp(A_log);
+    y = selective_scan(x, dt, A, B, C, D, z) in ``direction``; out_proj(y).
+
+    Args:
+        d_model: model width. d_state: SSM state size N. d_conv: convolution width.
+        expand: d_inner = expand · d_model. dt_rank: rank of dt, "auto" = ceil(d_model / 16).
+        dt_min, dt_max: range of the initial softplus(dt bias), log-uniform. dt_init_floor: its lower clamp.
+        conv_bias, bias: biases of conv1d and of in_proj/out_proj.
+        direction: scan direction ("forward", "reverse", "bidirectional", "local_bidirectional").
+        window: window of the local_bidirectional scan; None picks LBMamba's rule from the length.
+        backend: selective-scan backend ("auto", "reference", "triton", "mamba_ssm").
+
+    Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 direction: str = "forward", window: int | None = None, backend: str = "auto"):
+        super().__init__()
+        _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction)
+        if window is not None and direction != "local_bidirectional":
+            raise ScanArgumentError(f"window: only used by direction='local_bidirectional', got window={window!r} "
+                                    f"with direction={direction!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.direction, self.window, self.backend = direction, window, backend
+        self._dt_init = (dt_min, dt_max, dt_init_floor)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = _conv(self.d_inner, d_conv, conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = _dt_proj(self.dt_rank, self.d_inner, *self._dt_init)
+        self.A_log = _a_log(self.d_inner, d_state)
+        self.D = _skip(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
+        """One branch after in_proj. x, z: (batch, d_inner, length) → y (batch, d_inner, length)."""
+        length = x.shape[-1]
+        x = F.silu(conv1d(x)[..., :length])  # conv pads both sides by d_conv − 1; the tail cut makes it causal
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length); bias goes to the scan
+        return selective_scan(
+            x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
+            backend=self.backend,
+        )
+
+    def _in(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_hidden(hidden_states, self.d_model)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2·d_inner, length)
+        return xz.chunk(2, dim=1)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(y.transpose(1, 2))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+        if self.direction == "reverse":
+            # the whole block on the flipped sequence, so the convolution is anti-causal too
+            return self._forward(hidden_states.flip(1), "forward").flip(1)
+        return self._forward(hidden_states, self.direction)
+
+    def _forward(self, hidden_states, direction):
+        x, z = self._in(hidden_states)
+        y = self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, direction, self.window)
+        return self._out(y)
+
+
+class LBMamba(Mamba):
+    """Mamba block with the locally bidirectional scan (LBMamba).
+
+    The forward scan plus, inside each window of ``window`` tokens, a backward scan
+    (DESIGN.md, "The selective scan contract"). ``window=None`` picks 4 / 8 / 16 tokens for
+    length ≤ 128 / ≤ 256 / longer. Other arguments as :class:`Mamba`.
+
+    Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", window: int | None = None, backend: str = "auto", **kwargs):
+        if "direction" in kwargs:
+            raise ScanArgumentError(
+                f"direction: LBMamba's scan is always local_bidirectional, got {kwargs['direction']!r}")
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, direction="local_bidirectional",
+                         window=window, backend=backend, **kwargs)
+
+
+class _TwoBranch(Mamba):
+    """A Mamba block plus a second branch with its own conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False,
+                 backend="auto", **kwargs):
+        for name in ("direction", "window"):
+            if name in kwargs:
+                raise ScanArgumentError(f"{name}: {type(self).__name__} fixes its scans, got {name}={kwargs[name]!r}")
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, conv_bias=conv_bias, bias=bias,
+                         direction="forward", backend=backend, **kwargs)
+        self.conv1d_b = _conv(self.d_inner, d_conv, conv_bias)
+        self.x_proj_b = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj_b = _dt_proj(self.dt_rank, self.d_inner, *self._dt_init)
+        self.A_b_log = _a_log(self.d_inner, d_state)
+        self.D_b = _skip(self.d_inner)
+
+    def _first(self, x, z):
+        return self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, "forward", None)
+
+    def _second(self, x, z):
+        return self._ssm(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, "forward", None)
+
+
+class BiMamba(_TwoBranch):
+    """Vim v2 bidirectional Mamba: forward branch and a backward branch, averaged.
+
+    The backward branch has its own conv1d_b, x_proj_b, dt_proj_b, A_b_log and D_b and runs on the
+    flipped sequence (its output flipped back); in_proj and out_proj are shared:
+    out = out_proj((y_forward + y_backward) / 2). Arguments as :class:`Mamba` (no direction/window).
+
+    Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+        x, z = self._in(hidden_states)
+        y_forward = self._first(x, z)
+        y_backward = self._second(x.flip(-1), z.flip(-1)).flip(-1)
+        return self._out((y_forward + y_backward) / 2)
+
+
+def stride_reorder(x: torch.Tensor, rate: int) -> torch.Tensor:
+    """MambaMIL's sequence reordering: pad the length with zeros to a multiple of ``rate``, then take
+    every ``rate``-th token, starting at offsets 0, 1, …, rate − 1 in turn ((k w) → (w k), w = rate).
+
+    x (batch, channels, length) → (batch, channels, ceil(length / rate) · rate).
+    """
+    b, c, length = x.shape
+    k = -(-length // rate)
+    x = F.pad(x, (0, k * rate - length))
+    return x.reshape(b, c, k, rate).transpose(-1, -2).reshape(b, c, k * rate)
+
+
+def stride_restore(x: torch.Tensor, rate: int, length: int) -> torch.Tensor:
+    """Inverse of :func:`stride_reorder`: (batch, channels, padded length) → (batch, channels, length)."""
+    b, c, padded = x.shape
+    return x.reshape(b, c, rate, padded // rate).transpose(-1, -2).reshape(b, c, padded)[..., :length]
+
+
+class SRMamba(_TwoBranch):
+    """MambaMIL's sequence-reordering Mamba.
+
+    A forward branch over the sequence, plus a second branch (own conv1d_b, x_proj_b, dt_proj_b, A_b_log,
+    D_b) over the sequence reordered with stride ``rate`` by :func:`stride_reorder` (x and z after the
+    shared in_proj, zero-padded), whose output is put back in order and cut to the length;
+    out = out_proj(y_forward + y_reordered). ``rate`` defaults to MambaMIL's 10. Other arguments as
+    :class:`Mamba` (no direction/window).
+
+    Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", rate: int = 10, **kwargs):
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+            raise ScanArgumentError(f"rate: expected a positive int, got {rate!r}")
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, **kwargs)
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+        x, z = self._in(hidden_states)
+        length = x.shape[-1]
+        y_forward = self._first(x, z)
+        y_reordered = self._second(stride_reorder(x, self.rate), stride_reorder(z, self.rate))
+        return self._out(y_forward + stride_restore(y_reordered, self.rate, length))
+
+
+class AlternatingFlip(nn.Module):
+    """Runs layers in turn and reverses the token order after every layer, as LBVim stacks its blocks.
+
+    With local_bidirectional scans this lets information cross window borders in both directions
+    across layers. With ``residual=True`` each layer is called as ``layer(hidden, residual)`` and must
+    return ``(hidden, residual)`` (Vim's pre-norm block); both are flipped. With ``restore_order`` the
+    output is flipped back after an odd number of layers, so token i of the output is token i of the input.
+
+    Shapes: hidden (batch, length, dim) [, residual (batch, length, dim) or None] → the same.
+    """
+
+    def __init__(self, layers: Iterable[nn.Module], residual: bool = False, restore_order: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.residual = residual
+        self.restore_order = restore_order
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
+        """hidden (batch, length, dim) → hidden; or with ``residual=True``, (hidden, residual) → (hidden, residual)."""
+        if residual is not None and not self.residual:
+            raise ScanArgumentError("residual: given, but this AlternatingFlip was built with residual=False")
+        for layer in self.layers:
+            if self.residual:
+                hidden, residual = layer(hidden, residual)
+                residual = residual.flip(1) if residual is not None else None
+            else:
+                hidden = layer(hidden)
+            hidden = hidden.flip(1)
+        if self.restore_order and len(self.layers) % 2:
+            hidden = hidden.flip(1)
+            residual = residual.flip(1) if residual is not None else None
+        return (hidden, residual) if self.residual else hidden
