@@ -110,6 +110,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--window", type=int, default=16, help="LB window (LBMamba's default for L > 256 is 16)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-shapes", action="store_true", help="skip the shape table (sweep only)")
+    ap.add_argument("--sweep-shape", default="1,1024,16,131072", help="batch,dim,state,length for --sweep")
+    ap.add_argument("--cfgs", default='[{"fwd": {"BLOCK_D": 2, "T": 64}, "bwd": {"BLOCK_D": 8}}]',
+                    help="JSON list of {fwd: tiles, bwd: tiles} to try with --sweep")
     args = ap.parse_args()
 
     from wsimamba.kernels import selective_scan as ks
@@ -133,7 +137,7 @@ def main() -> None:
     def triton_fn(**kw):
         return ks.selective_scan(**kw)
 
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = [] if args.no_shapes else SHAPES[:1] if args.quick else SHAPES
     rows = []
     for batch, dim, state, length in shapes:
         a = make(batch, dim, state, length)
@@ -177,27 +181,23 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if args.sweep:
-        batch, dim, state, length = SHAPES[2]
+        batch, dim, state, length = (int(v) for v in args.sweep_shape.split(","))
         a = make(batch, dim, state, length)
-        for fcfg in ({"BLOCK_D": 16, "T": 64, "num_warps": 4}, {"BLOCK_D": 32, "T": 64, "num_warps": 4},
-                     {"BLOCK_D": 32, "T": 64, "num_warps": 8}, {"BLOCK_D": 64, "T": 32, "num_warps": 4},
-                     {"BLOCK_D": 8, "T": 128, "num_warps": 4}, {"BLOCK_D": 16, "T": 128, "num_warps": 8}):
-            ks.TILE_OVERRIDE = {"fwd": fcfg}
-            for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
-                t0 = time.perf_counter()
-                ms = time_direction(triton_fn, a, direction, window, False)
-                rec = dict(kind="sweep", op=label, pass_="fwd", cfg=fcfg, ms=round(ms, 4), wall_s=round(time.perf_counter() - t0, 1))
-                print(json.dumps(rec), flush=True)
-                rows.append(rec)
-        for bcfg in ({"BLOCK_D": 8, "num_warps": 4}, {"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 16, "num_warps": 8},
-                     {"BLOCK_D": 32, "num_warps": 8}):
-            ks.TILE_OVERRIDE = {"bwd": bcfg}
-            for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
-                t0 = time.perf_counter()
-                ms = time_direction(triton_fn, a, direction, window, True)
-                rec = dict(kind="sweep", op=label, pass_="bwd", cfg=bcfg, ms=round(ms, 4), wall_s=round(time.perf_counter() - t0, 1))
-                print(json.dumps(rec), flush=True)
-                rows.append(rec)
+        for item in json.loads(args.cfgs):
+            ks.TILE_OVERRIDE = {k: item[k] for k in ("fwd", "bwd") if k in item}
+            for backward in (False, True):
+                for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
+                    t0 = time.perf_counter()
+                    try:
+                        ms = time_direction(triton_fn, a, direction, window, backward)
+                    except Exception as e:  # a config that does not compile or fit is reported, not fatal
+                        ms = float("nan")
+                        print(f"config {item} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    rec = dict(kind="sweep", shape=f"B{batch} D{dim} N{state} L{length}", op=label,
+                               pass_="bwd" if backward else "fwd", cfg=item, ms=round(ms, 4),
+                               wall_s=round(time.perf_counter() - t0, 1))
+                    print(json.dumps(rec), flush=True)
+                    rows.append(rec)
         ks.TILE_OVERRIDE = None
 
     print("\nshape                    op     pass     ms   Gelem/s  x bytes-floor  x exp-floor")

@@ -16,7 +16,7 @@ from wsimamba.ops.selective_scan import selective_scan_naive, selective_scan_ref
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16}, "bwd": {"BLOCK_D": 2}}
+SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16, "CPS": 2}, "bwd": {"BLOCK_D": 2, "CPS": 3}}
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +26,8 @@ def _poison(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 4 channels × 16 positions: many tiles and chunks at sizes the interpreter runs fast."""
+    """Tiles of 4 channels × 16 positions in segments of 2-3 chunks: many tiles, chunks and segments
+    at sizes the interpreter runs fast."""
     if DEV == "cpu":
         monkeypatch.setattr(ks, "TILE_OVERRIDE", SMALL_TILES)
 
