@@ -410,3 +410,23 @@ def test_slide_list_naming_unknown_slides_is_an_error(cohort, tmp_path, capsys):
                    "--slide-list", _write(tmp_path / "l.txt", "ghost_slide"))
     assert code == 1
     assert "ghost_slide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet50-trunc", "timm:test_vit"])
+def test_embedder_fast_path_matches_the_plain_model(name):
+    from wsimamba.features.encoders import create_encoder
+    from wsimamba.features.extract import PatchEmbedder
+
+    enc = create_encoder(name, random_init=True, seed=int(torch.seed() % 1000))
+    # the plain model, run the slow way: one batch, no fusion, contiguous layout
+    size = enc.input_size or 48
+    batch = torch.randint(0, 256, (7, size, size, 3), dtype=torch.uint8)
+    x = batch.permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1)
+    import copy
+
+    plain = copy.deepcopy(enc.model).eval()
+    with torch.no_grad():
+        ref = plain(x).numpy()
+    fast = PatchEmbedder(enc, torch.device("cpu"), cpu_micro_batch=3)(batch)  # 7 = 3 + 3 + 1
+    np.testing.assert_allclose(fast, ref, rtol=1e-3, atol=1e-4)

@@ -179,15 +179,36 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-class PatchEmbedder:
-    """Runs an encoder on uint8 patch batches: resize, normalise, bf16 autocast + channels_last on CUDA."""
+def _fuse_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold eval-mode BatchNorm into the preceding convolutions (same function, one pass fewer over
+    every activation); models torch.fx cannot trace are returned unchanged."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
 
-    def __init__(self, encoder: Encoder, device: torch.device):
+        return fuse(model)
+    except Exception:  # tracing is best effort: dynamic control flow in some timm models
+        return model
+
+
+class PatchEmbedder:
+    """Runs an encoder on uint8 patch batches: resize, normalise, then the model.
+
+    CUDA: bf16 autocast and channels_last, whole batches. CPU: channels_last, BatchNorm folded into
+    the convolutions, and micro-batches of `cpu_micro_batch` patches, because on a CPU large batches
+    push activations out of cache (ResNet-50 to layer3 at 256 px: ~25 ms/patch in batches of 4,
+    ~45-50 in batches of 32, on the 2-core CI machine).
+    """
+
+    def __init__(self, encoder: Encoder, device: torch.device, cpu_micro_batch: int = 4):
         self.encoder = encoder
         self.device = device
-        self.model = encoder.model.to(device).eval()
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        model = encoder.model.to(device).eval()
+        if device.type != "cuda":
+            model = _fuse_batchnorm(model)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.micro = None if device.type == "cuda" else max(1, cpu_micro_batch)
         self.mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
 
@@ -198,13 +219,12 @@ class PatchEmbedder:
         size = self.encoder.input_size
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.mean) / self.std
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.model(x)
         else:
-            out = self.model(x)
+            out = torch.cat([self.model(part) for part in x.split(self.micro)])
         return out.float().cpu().numpy()
 
 
