@@ -1,0 +1,1 @@
+"""Models: slide-level MIL aggregators (`wsimamba.models.mil`), vision backbones, segmentation networks."""

@@ -1,0 +1,96 @@
+"""Mamba MIL aggregators: MambaMIL (SRMamba), BiMambaMIL (BiMamba) and LBMambaMIL (LBMamba).
+
+All three share one body (Yang et al., MICCAI 2024, "MambaMIL"):
+
+    Linear(in→d) + GELU + Dropout
+    layers × [x + Mixer(LayerNorm(x))]
+    LayerNorm → attention pooling → Linear(d→n_classes)
+
+The mixer is ``wsimamba.nn.SRMamba`` (sequence reordering with rate r), ``wsimamba.nn.BiMamba``
+(Vim v2: forward and backward branches averaged) or ``wsimamba.nn.LBMamba`` (forward scan plus a
+backward scan inside local windows); for LBMamba the sequence is flipped after every layer so that
+successive layers alternate direction and the stack sees global context both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import wsimamba.nn as wnn
+from wsimamba.errors import ConfigError
+from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput
+from wsimamba.models.mil.registry import register_model
+
+
+class PreNormResidual(nn.Module):
+    """x + mixer(LayerNorm(x)); (B, N, d) → (B, N, d)."""
+
+    def __init__(self, d_model: int, mixer: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class MambaMILBase(MILModel):
+    """The shared body; `make_mixer(d_model)` builds one layer's mixer, mapping (B, N, d) → (B, N, d).
+
+    With ``flip_between_layers`` the residual layers run inside ``wsimamba.nn.AlternatingFlip``
+    (sequence reversed after every layer, original order restored at the end).
+    forward(x (B, N, in_dim)) → logits (B, n_classes), attention (B, N) softmax weights (in patch order).
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, make_mixer, d_model: int, layers: int, dropout: float,
+                 attn_dim: int, flip_between_layers: bool = False):
+        super().__init__()
+        if layers < 1:
+            raise ConfigError(f"model.layers must be >= 1, got {layers}")
+        self.in_dim, self.n_classes = in_dim, n_classes
+        self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
+        blocks = [PreNormResidual(d_model, make_mixer(d_model)) for _ in range(layers)]
+        self.layers = wnn.AlternatingFlip(blocks, restore_order=True) if flip_between_layers else nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(d_model)
+        self.pool = AttentionPool(d_model, attn_dim, gated=False)
+        self.classifier = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: torch.Tensor) -> MILOutput:
+        self._check_input(x, self.in_dim)
+        h = self.layers(self.embed(x))
+        pooled, a = self.pool(self.norm(h))
+        return MILOutput(self.classifier(pooled), a)
+
+
+@register_model("mambamil", "MambaMIL: SRMamba layers (sequence reordering), attention pooling")
+def mambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
+             d_state: int = 16, d_conv: int = 4, expand: int = 2, rate: int = 10, attn_dim: int = 128,
+             backend: str = "auto") -> MambaMILBase:
+    return MambaMILBase(
+        in_dim, n_classes,
+        lambda d: wnn.SRMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, rate=rate, backend=backend),
+        d_model, layers, dropout, attn_dim,
+    )
+
+
+@register_model("bimambamil", "MambaMIL body with BiMamba layers (Vim v2: forward + backward, averaged)")
+def bimambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
+               d_state: int = 16, d_conv: int = 4, expand: int = 2, attn_dim: int = 128,
+               backend: str = "auto") -> MambaMILBase:
+    return MambaMILBase(
+        in_dim, n_classes,
+        lambda d: wnn.BiMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend),
+        d_model, layers, dropout, attn_dim,
+    )
+
+
+@register_model("lbmambamil", "MambaMIL body with LBMamba layers (local-bidirectional scan), flipped between layers")
+def lbmambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
+               d_state: int = 16, d_conv: int = 4, expand: int = 2, window: int | None = None,
+               attn_dim: int = 128, backend: str = "auto") -> MambaMILBase:
+    return MambaMILBase(
+        in_dim, n_classes,
+        lambda d: wnn.LBMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, window=window, backend=backend),
+        d_model, layers, dropout, attn_dim, flip_between_layers=True,
+    )

@@ -1,0 +1,45 @@
+"""Mean and max pooling baselines: an instance MLP, then pooling of instance logits.
+
+Pooling logits rather than embeddings gives each instance an exact score for heatmaps: for mean
+pooling the bag logit is the mean of the instance logits (the classifier is linear), and for max
+pooling it is the max (mi-Net, Wang et al. 2018).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsimamba.models.mil.base import MILModel, MILOutput
+from wsimamba.models.mil.registry import register_model
+
+
+class InstancePool(MILModel):
+    """Linear(in→d)+ReLU+Dropout, Linear(d→n_classes) per instance, then mean or max over instances.
+
+    forward(x (B, N, in_dim)) → logits (B, n_classes), attention (B, N) = last-class instance logit.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, mode: str, d_model: int = 512, dropout: float = 0.25):
+        super().__init__()
+        if mode not in ("mean", "max"):
+            raise ValueError(f"mode must be mean or max, got {mode!r}")
+        self.in_dim, self.n_classes, self.mode = in_dim, n_classes, mode
+        self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout))
+        self.classifier = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: torch.Tensor) -> MILOutput:
+        self._check_input(x, self.in_dim)
+        inst = self.classifier(self.embed(x))  # (B, N, C)
+        logits = inst.mean(1) if self.mode == "mean" else inst.max(1).values
+        return MILOutput(logits, inst[..., -1].float())
+
+
+@register_model("meanpool", "mean of instance logits (instance MLP, then average)")
+def meanpool(in_dim: int, n_classes: int, d_model: int = 512, dropout: float = 0.25) -> InstancePool:
+    return InstancePool(in_dim, n_classes, "mean", d_model=d_model, dropout=dropout)
+
+
+@register_model("maxpool", "max of instance logits per class (mi-Net)")
+def maxpool(in_dim: int, n_classes: int, d_model: int = 512, dropout: float = 0.25) -> InstancePool:
+    return InstancePool(in_dim, n_classes, "max", d_model=d_model, dropout=dropout)
