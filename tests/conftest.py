@@ -39,3 +39,7 @@ def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     slides = synth_cohort(root, 4, seed=7, fmt="svs", size_jitter=0.0, **SMALL)
     return root, slides
+
+
+# MIL training fixtures (bag cohorts, trained runs), shared by the test_mil_* / test_train* / test_eval* modules.
+from tests.fixtures_train import bag_cohort, one_thread, slide_run, tiny_run  # noqa: E402, F401

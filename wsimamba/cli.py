@@ -217,42 +217,263 @@ def _report_extract(results, out_dir: Path, seconds: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
+
+
+def _pm(m: dict) -> str:
+    return "n/a" if m.get("mean") is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+
+def _train_events(kind: str, info: dict) -> None:
+    if kind == "start":
+        stdout.print(
+            f"run {info['run_dir']}: {info['slides']} slides, {info['cases']} cases, classes {info['classes']}; "
+            f"{info['in_dim']}-d features from {info['features']} ({info['layout']}); {info['folds']} fold(s)",
+            highlight=False, soft_wrap=True,
+        )
+        if info["missing"]:
+            shown = ", ".join(info["missing"][:10]) + (" …" if len(info["missing"]) > 10 else "")
+            err.print(f"skipped {len(info['missing'])} labelled slide(s) without features: {shown}", highlight=False, soft_wrap=True)
+    elif kind == "fold_start":
+        stdout.print(f"fold {info['fold']}: training on {info['n_train']} slides, validating on {info['n_val']}, "
+                     f"testing on {info['n_test']}", highlight=False, soft_wrap=True)
+    elif kind in ("fold_done", "fold_skip"):
+        m = info["metrics"]
+        t = m["test"]
+        how = "done earlier" if kind == "fold_skip" else f"{m['epochs']} epochs (best {m['best_epoch']}), {m['seconds']:.0f} s"
+        stdout.print(f"fold {info['fold']}: test AUC {_fmt(t['auc'])}, accuracy {_fmt(t['accuracy'])}, "
+                     f"balanced accuracy {_fmt(t['balanced_accuracy'])}, F1 {_fmt(t['f1'])} — {how}", highlight=False, soft_wrap=True)
+    elif kind == "fold_failed":
+        err.print(info["message"], highlight=False, markup=False, soft_wrap=True)
+
+
+def _summary_lines(summary: dict, run_dir: Path) -> None:
+    m = summary["metrics"]
+    done = len(summary["folds_done"])
+    stdout.print(
+        f"summary over {done}/{summary['folds']} fold(s): AUC {_pm(m['auc'])}, accuracy {_pm(m['accuracy'])}, "
+        f"balanced accuracy {_pm(m['balanced_accuracy'])}, F1 {_pm(m['f1'])}", highlight=False, soft_wrap=True)
+    stdout.print(f"→ {run_dir / 'summary.json'}", highlight=False, soft_wrap=True)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    overrides: Optional[list[str]] = typer.Argument(None, help="More key=value overrides (after --set)."),
+    cfg: Optional[Path] = typer.Option(None, "--cfg", "-c", help="Training config (YAML), e.g. configs/camelyon.yaml."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: --set model.name=abmil train.folds=3"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run folder and train every fold again."),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out labelled slides that have no feature file."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar per fold (default: when a terminal)."),
+):
+    """Train a MIL aggregator with case-grouped cross-validation; writes a run folder (see README)."""
+    from wsimamba.config import load_train_config
+    from wsimamba.train.run import train_run
+
+    extra = list(set_ or []) + list(overrides or [])
+    for item in overrides or []:
+        if "=" not in item:
+            raise _UsageError(f"unexpected argument {item!r}; overrides look like key=value")
+    if skip_missing:
+        extra.append("data.skip_missing=true")
+    config = load_train_config(cfg, extra)
+    show = sys.stdout.isatty() if progress is None else progress
+    result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_train_events)
+    if result.summary is not None:
+        _summary_lines(result.summary, result.run_dir)
+    failed = [f for f in result.folds if f.status == "failed"]
+    if failed:
+        err.print(f"{len(failed)} fold(s) failed; rerun the same command to retry them", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval and heatmap
+
+
+def _print_run_table(run) -> dict:
+    summ = run.summary()
+    table = Table("fold", "test slides", "AUC", "accuracy", "bal. accuracy", "F1", "best epoch", title=str(run.path))
+    for f, m in zip(run.folds, summ["per_fold"]):
+        table.add_row(str(f.fold), str(len(f.y)), _fmt(m["auc"]), _fmt(m["accuracy"]), _fmt(m["balanced_accuracy"]),
+                      _fmt(m["f1"]), str(f.metrics.get("best_epoch", "")))
+    s = summ["metrics"]
+    table.add_row("mean ± std", "", _pm(s["auc"]), _pm(s["accuracy"]), _pm(s["balanced_accuracy"]), _pm(s["f1"]), "",
+                  style="bold")
+    p = summ["pooled"]
+    table.add_row("pooled", str(len(run.y)), _fmt(p["auc"]), _fmt(p["accuracy"]), _fmt(p["balanced_accuracy"]),
+                  _fmt(p["f1"]), "")
+    # piped output has no terminal width; keep the table's rows whole for logs and greps
+    (stdout if stdout.is_terminal else Console(width=140, file=sys.stdout)).print(table)
+    if len(run.folds) < run.n_folds:
+        err.print(f"{run.n_folds - len(run.folds)} of {run.n_folds} fold(s) not complete; shown: the completed ones",
+                  highlight=False, soft_wrap=True)
+    return summ
+
+
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `wsimamba train`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default RUN_DIR/eval)."),
+):
+    """Print the per-fold and summary metrics of a run; write ROC, confusion and calibration PNGs."""
+    from wsimamba.eval.plots import write_plots
+    from wsimamba.eval.report import load_run
+
+    run = load_run(run_dir)
+    _print_run_table(run)
+    paths = write_plots(run, out)
+    stdout.print("plots: " + "  ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+    return 0
+
+
+def _print_heatmap(r) -> None:
+    pos = list(r.probs)[-1]
+    line = f"{r.slide_id}: P({pos}) = {r.probs[pos]:.3f}"
+    if r.label is not None:
+        line += f", label {r.label}"
+    line += f", fold {r.fold}{'' if r.held_out else ' (slide was in its training data)'}"
+    loc = r.localisation
+    if loc is not None:
+        if loc["tumor_patches"]:
+            line += (f"; tumor localisation: patch AUC {_fmt(loc['patch_auc'], 2)}, top-{loc['tumor_patches']} precision "
+                     f"{_fmt(loc['precision_at_k'], 2)} (chance {loc['chance_precision']:.2f})")
+            if loc["attention_in_tumor"] is not None:
+                line += f", attention on tumor {loc['attention_in_tumor']:.0%}"
+        else:
+            line += "; no tumor in the mask"
+    stdout.print(line + f" → {r.png}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def heatmap(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `wsimamba train`."),
+    slide: list[Path] = typer.Option(..., "--slide", "-s", help="Slide file (repeat for several)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Model of this fold (default: the fold that held the slide out)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Tumor mask PNG (default: masks/<slide_id>.png beside the slides folder, if any)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/heatmaps)."),
+    thumb_size: int = typer.Option(1024, "--thumb-size", min=64, help="Longer side of the thumbnail, pixels."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+):
+    """Draw attention over slide thumbnails; with a tumor mask, report how well attention finds the tumor."""
+    from wsimamba.eval.heatmap import attention_heatmap
+    from wsimamba.eval.report import load_run
+
+    if mask is not None and len(slide) > 1:
+        raise _UsageError("--mask goes with a single --slide")
+    run = load_run(run_dir)
+    for s in slide:
+        _print_heatmap(attention_heatmap(run, s, fold=fold, mask=mask, out_dir=out, thumb_size=thumb_size, device=device))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
 
 
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for the demo cohort and its outputs."),
-    slides: int = typer.Option(6, "--slides", min=2, help="Number of synthetic slides."),
+    slides: int = typer.Option(32, "--slides", min=8, help="Number of synthetic slides."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local torchvision ResNet-50 state dict (default: random-init encoder)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    heatmaps: int = typer.Option(4, "--heatmaps", min=0, help="Number of tumor slides to draw heatmaps for."),
 ):
-    """The main job on the built-in synthetic cohort: synth → extract (features with a random-init ResNet-50)."""
-    from wsimamba.config import ExtractConfig, build_config
+    """The whole pipeline on a synthetic cohort: synth → extract → train LBMambaMIL (cross-validation) → eval → heatmaps."""
+    from wsimamba.config import ExtractConfig, TrainConfig, build_config
+    from wsimamba.eval.heatmap import attention_heatmap
+    from wsimamba.eval.plots import write_plots
+    from wsimamba.eval.report import load_run
     from wsimamba.features.extract import extract_folder
     from wsimamba.slide.synth import synth_cohort
+    from wsimamba.train import demo as spec
+    from wsimamba.train.run import train_run
 
-    cohort = Path(out_dir) / "cohort"
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    cohort = out_dir / "cohort"
+    t0 = time.perf_counter()
+    c = spec.COHORT
     if not (cohort / "labels.csv").is_file():
         with _bar("synth slides") as (progress, task):
             synth_cohort(
-                cohort, slides, seed=0, size=(4096, 4096), fmt="svs", mpp=0.5,
+                cohort, slides, seed=c["seed"], size=c["size"], fmt="svs", mpp=c["mpp"], tumor_fraction=c["tumor_fraction"],
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
+    times["synth"] = time.perf_counter() - t0
+
+    e = spec.EXTRACT
     cfg = build_config(
         ExtractConfig,
-        dict(encoder="resnet50-trunc", random_init=True, target_mpp=1.0, patch_size=224, device=device,
-             workers=workers, batch_size=32),
+        dict(encoder=e["encoder"], random_init=weights is None, weights=weights, target_mpp=e["target_mpp"],
+             patch_size=e["patch_size"], device=device, workers=workers, batch_size=e["batch_size"]),
     )
+    if weights is None:
+        stdout.print("note: patch features come from a RANDOM-INIT ResNet-50 (no pretrained weights; pass --weights "
+                     "for real ones). The numbers below describe this synthetic cohort with those features, "
+                     "not a pathology model; say so wherever they go.", highlight=False, soft_wrap=True)
     bar = _RichExtractProgress()
     t0 = time.perf_counter()
     try:
-        results = extract_folder(cohort / "slides", Path(out_dir) / "features", cfg, progress=bar)
+        results = extract_folder(cohort / "slides", out_dir / "features", cfg, progress=bar)
     finally:
         bar.stop()
-    code = _report_extract(results, Path(out_dir) / "features", time.perf_counter() - t0)
-    stdout.print(f"QC pictures: {Path(out_dir) / 'features' / 'qc'}   labels: {cohort / 'labels.csv'}")
-    return code
+    times["extract"] = time.perf_counter() - t0
+    if _report_extract(results, out_dir / "features", times["extract"]):
+        return 1
+
+    t0 = time.perf_counter()
+    tcfg = build_config(TrainConfig, spec.demo_train_dict(out_dir), where="demo config")
+    result = train_run(tcfg, progress_bar=sys.stdout.isatty(), on_event=_train_events)
+    times["train"] = time.perf_counter() - t0
+    if result.summary is None:
+        raise WsimambaError("no fold finished training; see the messages above")
+
+    t0 = time.perf_counter()
+    run = load_run(result.run_dir)
+    _print_run_table(run)
+    plots = write_plots(run)
+    times["eval"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    import json
+
+    meta = json.loads((cohort / "cohort.json").read_text())
+    tumor = [s for s in meta["slides"] if s["label"] == 1]  # in id order: no picking of slides that look good
+    drawn = []
+    for s in tumor[:heatmaps]:
+        r = attention_heatmap(run, cohort / s["path"])
+        _print_heatmap(r)
+        drawn.append(r)
+    times["heatmaps"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+
+    auc = result.summary["metrics"]["auc"]
+    stdout.print(
+        f"\ndemo finished in {total / 60:.1f} min (synth {times['synth']:.0f} s, extract {times['extract']:.0f} s, "
+        f"train {times['train']:.0f} s, eval {times['eval']:.0f} s, heatmaps {times['heatmaps']:.0f} s)",
+        highlight=False, soft_wrap=True,
+    )
+    enc = "random-init ResNet-50 features" if weights is None else f"ResNet-50 features ({weights})"
+    stdout.print(f"{tcfg.model.name} on {enc}: cross-validated AUC {_pm(auc)} over {len(run.folds)} folds "
+                 f"({len(run.y)} slides)", highlight=False, soft_wrap=True)
+    locs = [r.localisation["patch_auc"] for r in drawn if r.localisation and r.localisation["patch_auc"] is not None]
+    if locs:
+        stdout.print(f"attention vs the tumor masks: patch AUC {min(locs):.2f}–{max(locs):.2f} on the first "
+                     f"{len(locs)} tumor slide(s)", highlight=False, soft_wrap=True)
+    stdout.print(f"cohort:    {cohort} (slides/, masks/, labels.csv)", highlight=False, soft_wrap=True)
+    stdout.print(f"features:  {out_dir / 'features'} (QC pictures in qc/)", highlight=False, soft_wrap=True)
+    stdout.print(f"run:       {result.run_dir} (config.yaml, splits.csv, fold_*/, summary.json)", highlight=False, soft_wrap=True)
+    stdout.print(f"plots:     {plots['roc']}  {plots['confusion']}  {plots['calibration']}", highlight=False, soft_wrap=True)
+    if drawn:
+        stdout.print(f"heatmaps:  {drawn[0].png.parent}", highlight=False, soft_wrap=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

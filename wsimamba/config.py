@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsimamba.errors import ConfigError
 
@@ -127,3 +127,146 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# wsimamba train
+
+
+class TrainDataConfig(StrictModel):
+    """Where the bags and labels are."""
+
+    features: Path = Field(description="features folder (wsimamba h5 / zarr, CLAM, TRIDENT layouts)")
+    labels: Path = Field(description="labels.csv: slide_id,case_id,label[,split]")
+    format: Literal["auto", "h5", "zarr", "clam", "pt", "trident"] = "auto"
+    preload: bool = Field(False, description="read every bag once and keep it in RAM")
+    skip_missing: bool = Field(False, description="drop labelled slides without a feature file instead of failing")
+    classes: list[str] | None = Field(None, description="class order; in binary tasks the second is positive")
+    workers: int = Field(0, ge=0, description="DataLoader workers reading bags")
+    max_instances: int | None = Field(None, ge=1, description="train on a random subset of at most this many patches per bag and step")
+    normalize: bool = Field(True, description="standardise each feature dimension with the training fold's mean and std")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_text(cls, v):
+        # labels.csv is text, so `classes: [0, 1]` in YAML means the labels "0" and "1"
+        return [str(c) for c in v] if isinstance(v, (list, tuple)) else v
+
+
+class TrainModelConfig(StrictModel):
+    """The aggregator; keys left out take the model's defaults. A key the model does not take is an error."""
+
+    name: str = "lbmambamil"
+    d_model: int | None = Field(None, ge=1)
+    layers: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    d_state: int | None = Field(None, ge=1)
+    d_conv: int | None = Field(None, ge=1)
+    expand: int | None = Field(None, ge=1)
+    rate: int | None = Field(None, ge=1)
+    window: int | None = Field(None, ge=1)
+    attn_dim: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    landmarks: int | None = Field(None, ge=1)
+    pinv_iters: int | None = Field(None, ge=0)
+    backend: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The model's constructor keywords: every key that was set, except name."""
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+
+    def check(self) -> None:
+        """ValueError naming the key when the name is unknown or a set key does not apply to the model."""
+        from wsimamba.models.mil import list_models, model_kwargs
+
+        if self.name not in list_models():
+            raise ValueError(f"model.name: unknown MIL model {self.name!r}; choose one of {', '.join(list_models())}")
+        accepted = model_kwargs(self.name)
+        for key in self.kwargs():
+            if key not in accepted:
+                raise ValueError(f"model.{key} does not apply to {self.name!r} (it takes: {', '.join(accepted)})")
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop a fold when the validation metric has not improved for `patience` epochs."""
+
+    enabled: bool = True
+    monitor: Literal["val_auc", "val_loss"] = "val_auc"
+    patience: int = Field(10, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainLoopConfig(StrictModel):
+    """Splits, optimisation and the Trainer's devices."""
+
+    folds: int = Field(5, ge=2, description="k of the case-grouped stratified k-fold")
+    split: Literal["kfold", "column"] = Field("kfold", description="kfold, or the split column of labels.csv")
+    val_fraction: float = Field(0.2, ge=0, le=0.5, description="share of each training fold held out for validation "
+                                "(with split: column, only when no row is marked val)")
+    splits_from: Path | None = Field(None, description="reuse the splits.csv of another run (a file or run folder)")
+    max_epochs: int = Field(50, ge=1)
+    min_epochs: int = Field(0, ge=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1, description="bags per optimiser step")
+    class_weights: Literal["none", "balanced"] = "none"
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    seed: int = 0
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU with bf16, else 32-true"
+    )
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = Field("auto", description="auto, ddp, ddp_find_unused_parameters_true, ...")
+    deterministic: bool = False
+
+    def check(self) -> None:
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(f"train.min_epochs ({self.min_epochs}) is more than train.max_epochs ({self.max_epochs})")
+        if self.early_stopping.enabled and self.val_fraction == 0 and self.split == "kfold":
+            # (with split: column the labels may mark val rows; an empty val part is caught at the split)
+            raise ValueError("train.early_stopping needs a validation part: set train.val_fraction > 0 "
+                             "or train.early_stopping.enabled=false")
+
+
+class TrainConfig(StrictModel):
+    """What `wsimamba train` does: a run folder `<out>/<name>` with one subfolder per fold."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (folder under out)")
+    data: TrainDataConfig
+    model: TrainModelConfig = TrainModelConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    out: Path = Field(Path("runs"), description="parent folder of run folders")
+
+    @model_validator(mode="after")
+    def _check(self):
+        # checked here rather than in each section, so the message is not prefixed twice
+        self.model.check()
+        self.train.check()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.name
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every path absolute (relative ones are taken from the current folder)."""
+        data = self.model_dump()
+        for sect, key in (("data", "features"), ("data", "labels"), ("train", "splits_from")):
+            if data[sect][key] is not None:
+                data[sect][key] = Path(data[sect][key]).expanduser().resolve()
+        data["out"] = Path(data["out"]).expanduser().resolve()
+        return TrainConfig.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a train config (YAML) and apply `key=value` overrides; errors name the file and key."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return build_config(TrainConfig, data, where=str(path) if path is not None else "config")

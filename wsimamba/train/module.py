@@ -1,0 +1,123 @@
+"""The LightningModule for MIL: one aggregator, its loss and optimiser, validation metrics in the loop."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
+
+from wsimamba.errors import WsimambaError
+from wsimamba.models.mil import MILOutput, create_model
+
+
+class NonFiniteLossError(WsimambaError):
+    """The training loss became NaN or infinite."""
+
+
+class MILModule(L.LightningModule):
+    """Holds the aggregator and the cross-entropy loss.
+
+    Batches are dicts from :class:`wsimamba.data.BagDataset` collated to features (B, N, D),
+    label (B,). Logs ``train_loss``, ``val_loss``, ``val_auc`` (torchmetrics, synced across devices)
+    and ``val_select`` (val AUC, ties broken by lower loss: on small validation sets many epochs
+    reach the same AUC, and the checkpoint should not be the first, least trained of them).
+    """
+
+    def __init__(self, model_name: str, in_dim: int, n_classes: int, model_kwargs: dict | None = None,
+                 lr: float = 2e-4, weight_decay: float = 1e-2, scheduler: str = "cosine", max_epochs: int = 50,
+                 class_weights: list[float] | None = None, max_instances: int | None = None,
+                 normalize: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model_name, in_dim, n_classes, **(model_kwargs or {}))
+        # Per-dimension feature standardisation with training-fold statistics (set_feature_stats).
+        # Buffers, so a checkpoint carries them to prediction and heatmaps.
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.val_auc = BinaryAUROC() if n_classes == 2 else MulticlassAUROC(num_classes=n_classes, average="macro")
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """mean, std (in_dim,): the training bags' per-dimension statistics (std floored at 1e-6)."""
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.float().clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> MILOutput:
+        """x (B, N, in_dim) raw features → MILOutput(logits (B, n_classes), attention (B, N))."""
+        if self.hparams.normalize:
+            x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
+        return self.model(x)
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        n, cap = x.shape[1], self.hparams.max_instances
+        if cap is None or n <= cap:
+            return x
+        # sorted, so that sequence models still see patches in their stored order
+        keep = torch.randperm(n, device=x.device)[:cap].sort().values
+        return x[:, keep]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = self._subsample(batch["features"]), batch["label"]
+        loss = self.loss_fn(self(x).logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                "(try a lower train.lr, train.grad_clip, or train.precision=32-true)"
+            )
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
+        return loss
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits.float(), dim=-1)
+        return p[:, 1] if self.hparams.n_classes == 2 else p
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = batch["features"], batch["label"]
+        logits = self(x).logits.float()
+        loss = self.loss_fn(logits, y)
+        self.val_auc.update(self._probs(logits), y)
+        self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        auc = self.val_auc.compute()
+        self.val_auc.reset()
+        loss = self.trainer.callback_metrics.get("val_loss")
+        # auc is already the same on every rank (torchmetrics syncs its state); sync_dist keeps it so
+        self.log("val_auc", auc, sync_dist=True)
+        if loss is not None:
+            self.log("val_select", auc - 1e-4 * loss.to(auc), sync_dist=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self(batch["features"])
+        return {"index": batch["index"], "probs": torch.softmax(out.logits.float(), -1), "attention": out.attention}
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "none":
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs),
+                                                           eta_min=self.hparams.lr * 0.01)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+@torch.no_grad()
+def feature_stats(bags) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std over every instance of an iterable of (N_i, D) tensors (fp64 sums)."""
+    total, sq, n = None, None, 0
+    for x in bags:
+        x = x.double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        n += x.shape[0]
+    mean = total / n
+    var = (sq / n - mean * mean).clamp_min(0)
+    return mean.float(), var.sqrt().float()
+
+
+def balanced_class_weights(labels, n_classes: int) -> list[float]:
+    """Weights n / (C · n_c), as scikit-learn's "balanced"; a class absent from `labels` gets 1."""
+    counts = [int((labels == c).sum()) for c in range(n_classes)]
+    n = sum(counts)
+    return [n / (n_classes * c) if c else 1.0 for c in counts]
