@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _device import device_name  # benchmarks/ is on sys.path when a script here runs
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+
 
 
 def naive_loop(slide_paths, cfg, encoder, device, max_patches: int | None) -> tuple[int, float]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,17 +27,9 @@ import torch
 
 from wsimamba.ops import DIRECTIONS, selective_scan_naive, selective_scan_reference
 
+from _device import device_name  # benchmarks/ is on sys.path when a script here runs
 
-def cpu_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+
 
 
 def make_inputs(batch: int, dim: int, length: int, state: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -130,7 +120,7 @@ def main(argv=None) -> None:
         args.lengths, args.dims, args.repeats = [512, 2048], [256], 1
 
     torch.set_num_threads(args.threads)
-    header = (f"device: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s); "
+    header = (f"device: {device_name()}, torch {torch.__version__}, {args.threads} thread(s); "
               f"date {datetime.date.today().isoformat()}; batch {args.batch}, state {args.state}, fp32")
     print(header)
     print()
@@ -168,7 +158,7 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
-                f.write(json.dumps(dict(row, device=cpu_name(), torch=torch.__version__,
+                f.write(json.dumps(dict(row, device=device_name(), torch=torch.__version__,
                                         date=datetime.date.today().isoformat())) + "\n")
 
 
