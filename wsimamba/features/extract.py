@@ -283,9 +283,11 @@ def extract_slide(
     progress.slide_start(sid, len(grid))
     ds = PatchDataset(slide_path, grid, cfg.mpp_override)
     on_cuda = embedder.device.type == "cuda"
+    # small slides: smaller reading batches, so that every worker gets a share of the patches
+    read_batch = max(1, min(cfg.batch_size, -(-len(ds) // max(1, cfg.workers))))
     loader = DataLoader(
         ds,
-        batch_size=cfg.batch_size,
+        batch_size=read_batch,
         shuffle=False,
         num_workers=cfg.workers,
         pin_memory=on_cuda,
