@@ -43,3 +43,14 @@ def cohort(tmp_path_factory):
 
 # MIL training fixtures (bag cohorts, trained runs), shared by the test_mil_* / test_train* / test_eval* modules.
 from tests.fixtures_train import bag_cohort, one_thread, slide_run, tiny_run  # noqa: E402, F401
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per test, printed so a failure can be replayed (WSIMAMBA_TEST_SEED=...)."""
+    import secrets
+
+    value = int(os.environ.get("WSIMAMBA_TEST_SEED") or secrets.randbits(31))
+    print(f"seed={value} (replay with WSIMAMBA_TEST_SEED={value})")
+    torch.manual_seed(value)
+    return value

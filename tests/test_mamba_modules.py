@@ -5,8 +5,6 @@ Random tests draw a fresh seed each run; a failing test prints it, and WSIMAMBA_
 """
 
 import math
-import os
-import secrets
 
 import pytest
 import torch
@@ -21,21 +19,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 D_MODEL, D_STATE = 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny modules: on a shared 2-core machine a second OpenMP thread mostly waits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("WSIMAMBA_TEST_SEED") or secrets.randbits(31))
-    print(f"seed={value} (replay with WSIMAMBA_TEST_SEED={value})")
-    torch.manual_seed(value)
-    return value
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: a second OpenMP thread mostly waits
 
 
 MODULES = {

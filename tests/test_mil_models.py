@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from wsimamba.data.synthetic import order_bags, witness_bags
-from wsimamba.errors import ConfigError
+from wsimamba.errors import ConfigError, WsimambaError
 from wsimamba.models.mil import create_model, list_models
 from wsimamba.models.mil.transmil import iterative_pinv, nystrom_attention, segment_means, softmax_attention
 
@@ -51,7 +51,7 @@ def test_shapes_and_attention(name, one_thread):
             torch.testing.assert_close(out.attention.sum(1), torch.ones(2))
         # bags of a batch are independent
         torch.testing.assert_close(model(x[1:]).logits, out.logits[1:], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match=r"expected bags of shape \(batch, instances >= 1, 12\)"):
+    with pytest.raises(WsimambaError, match=r"expected bags of shape \(batch, instances >= 1, 12\)"):
         model(torch.randn(2, 5, 11))
     # gradients reach the first layer
     model.train()

@@ -8,7 +8,6 @@ WSIMAMBA_TEST_SEED=<seed> replays it.
 import importlib
 import math
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -34,21 +33,7 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these ops are small; on a shared 2-core machine a second OpenMP thread mostly waits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("WSIMAMBA_TEST_SEED") or secrets.randbits(31))
-    print(f"seed={value} (replay with WSIMAMBA_TEST_SEED={value})")
-    torch.manual_seed(value)
-    return value
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: a second OpenMP thread mostly waits
 
 
 def make_inputs(batch=2, dim=4, length=11, state=3, groups=None, dtype=torch.float64, optional=True,

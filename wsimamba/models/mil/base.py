@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from wsimamba.errors import WsimambaError
 
 
 class MILOutput(NamedTuple):
@@ -20,7 +23,7 @@ class MILOutput(NamedTuple):
     attention: torch.Tensor
 
 
-class MILModel(nn.Module):
+class MILModel(nn.Module, abc.ABC):
     """Base class: ``forward(x)`` maps a batch of bags (B, N, in_dim) to a :class:`MILOutput`.
 
     Bags in one batch have the same length N (MIL training usually runs one bag per step).
@@ -29,13 +32,14 @@ class MILModel(nn.Module):
     in_dim: int
     n_classes: int
 
-    def forward(self, x: torch.Tensor) -> MILOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> MILOutput:
+        """x (B, N, in_dim) → MILOutput(logits (B, n_classes), attention (B, N))."""
 
     @staticmethod
     def _check_input(x: torch.Tensor, in_dim: int) -> None:
         if x.dim() != 3 or x.shape[-1] != in_dim or x.shape[1] < 1:
-            raise ValueError(f"expected bags of shape (batch, instances >= 1, {in_dim}), got {tuple(x.shape)}")
+            raise WsimambaError(f"expected bags of shape (batch, instances >= 1, {in_dim}), got {tuple(x.shape)}")
 
 
 class AttentionPool(nn.Module):

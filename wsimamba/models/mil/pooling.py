@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wsimamba.errors import ConfigError
 from wsimamba.models.mil.base import MILModel, MILOutput
 from wsimamba.models.mil.registry import register_model
 
@@ -23,7 +24,7 @@ class InstancePool(MILModel):
     def __init__(self, in_dim: int, n_classes: int, mode: str, d_model: int = 512, dropout: float = 0.25):
         super().__init__()
         if mode not in ("mean", "max"):
-            raise ValueError(f"mode must be mean or max, got {mode!r}")
+            raise ConfigError(f"pooling mode must be mean or max, got {mode!r}")
         self.in_dim, self.n_classes, self.mode = in_dim, n_classes, mode
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(d_model, n_classes)

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from wsimamba.errors import ConfigError
 from wsimamba.models.mil.base import MILModel, MILOutput
 from wsimamba.models.mil.registry import register_model
 
@@ -88,7 +89,7 @@ class NystromAttention(nn.Module):
                  residual_kernel: int = 33, dropout: float = 0.1, skip_conv: int = 0):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"model.d_model {dim} is not divisible by model.heads {heads}")
         self.heads, self.dh, self.landmarks, self.pinv_iters = heads, dim // heads, landmarks, pinv_iters
         self.skip_conv = skip_conv
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
