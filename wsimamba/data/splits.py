@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsimamba.atomic import write_text_atomic
 from wsimamba.data.labels import LabelsError, LabelTable
 from wsimamba.errors import ConfigError
 
@@ -135,10 +135,7 @@ def splits_csv(table: LabelTable, folds: list[Fold]) -> str:
 
 def save_splits(path: Path, table: LabelTable, folds: list[Fold]) -> None:
     """Write the splits CSV atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(splits_csv(table, folds))
-    os.replace(tmp, path)
+    write_text_atomic(path, splits_csv(table, folds))
 
 
 def load_splits(path: Path, table: LabelTable) -> list[Fold]:

@@ -8,7 +8,6 @@ thumbnail with its score's percentile rank, so heatmaps of different slides and 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from wsimamba.data.bags import Bag, FeatureSource
 from wsimamba.eval.report import Run, RunError, load_run
+from wsimamba.atomic import atomic_path, write_text_atomic
 from wsimamba.errors import WsimambaError
 
 TUMOR_FRACTION = 0.5  # a patch counts as tumor when at least this share of it is tumor in the mask
@@ -220,16 +220,13 @@ def attention_heatmap(run: Run | str | Path, slide: str | Path, fold: int | None
         ax.axis("off")
     fig.colorbar(im, ax=axes[1], fraction=0.035, label="attention percentile")
     png = out_dir / f"{slide_id}.png"
-    tmp = out_dir / f".{slide_id}.partial.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png)
     record = {"slide_id": slide_id, "slide": str(slide), "fold": fold, "held_out": held == fold,
               "model": run.config.model.name, "label": label,
               "probs": {c: float(p) for c, p in zip(run.classes, probs)}, "patches": int(len(scores)),
               "patch_size_level0": size0, "localisation": loc}
     js = out_dir / f"{slide_id}.json"
-    tmpj = out_dir / f".{slide_id}.json.partial"
-    tmpj.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmpj, js)
+    write_text_atomic(js, json.dumps(record, indent=2) + "\n")
     return HeatmapResult(slide_id, fold, held == fold, png, js, record["probs"], label, loc)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import os
 from contextlib import contextmanager
 from pathlib import Path
+
+from wsimamba.atomic import atomic_path
 
 COLUMNS = ("slide_id", "status", "patches", "seconds", "error", "slide_path", "output")
 MANIFEST = "manifest.csv"
@@ -45,10 +46,8 @@ def update_manifest(out_dir: Path, row: dict) -> None:
     with _locked(path):
         rows = read_manifest(out_dir)
         rows[clean["slide_id"]] = clean
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()
             for sid in sorted(rows):
                 w.writerow(rows[sid])
-        os.replace(tmp, path)

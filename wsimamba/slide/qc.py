@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from wsimamba.atomic import atomic_path
 from wsimamba.slide.tiling import PatchGrid
 from wsimamba.slide.tissue import TissueMask
 
@@ -37,8 +37,5 @@ def render_qc(thumb: np.ndarray, tissue: TissueMask, grid: PatchGrid, level0_siz
 
 def write_png_atomic(img: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -41,6 +41,7 @@ from PIL import Image, PngImagePlugin
 from scipy import fft as sp_fft
 from scipy import ndimage
 
+from wsimamba.atomic import atomic_path
 from wsimamba.errors import WsimambaError
 
 __all__ = ["SynthSlide", "synth_slide", "synth_cohort", "pyramid_dims", "FORMATS"]
@@ -760,15 +761,9 @@ def synth_slide(
         frac = 1.0 / max(1, int(tissue.sum()))
 
     dims = pyramid_dims(width, height, tile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         _write_tiff(tmp, m, dims, fmt=fmt, tile=tile, quality=int(quality), mpp=mpp,
                     slide_id=slide_id, block_tiles=int(block_tiles))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
     if mask_path is not None:
         _write_mask(Path(mask_path), mask, mask_downsample, slide_id, width, height, frac)
@@ -879,11 +874,8 @@ def _write_mask(
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------

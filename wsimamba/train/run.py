@@ -40,6 +40,7 @@ from wsimamba.data.splits import Fold, column_splits, kfold_splits, load_splits,
 from wsimamba.errors import ConfigError, FeatureStoreError, WsimambaError
 from wsimamba.train.metrics import METRICS, cohort_metrics, mean_std
 from wsimamba.train.module import NonFiniteLossError
+from wsimamba.atomic import write_text_atomic
 
 # Keys that change where or how fast a run computes, not what it computes: a resumed run may differ in them.
 _NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("train", "devices"),
@@ -60,14 +61,6 @@ class RunResult:
     folds: list[FoldResult] = field(default_factory=list)
     summary: dict | None = None
     missing: list[str] = field(default_factory=list)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name in the same folder, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def global_rank() -> int:
@@ -271,7 +264,7 @@ def _train_fold(cfg: TrainConfig, cohort: Cohort, dataset: BagDataset, fold: Fol
     device = trainer.strategy.root_device  # the fit may have moved the model back to the CPU
     probs, _ = predict_bags(module, dataset, fold.test, device, precision)
     y = table.labels[fold.test]
-    write_atomic(fold_dir / "predictions.csv", _predictions_csv(table, fold.test, probs))
+    write_text_atomic(fold_dir / "predictions.csv", _predictions_csv(table, fold.test, probs))
     best_epoch = int(state.get("epoch", trainer.current_epoch))
     ckpt_name = fold_dir / "checkpoint.ckpt"
     if Path(best) != ckpt_name:
@@ -335,8 +328,8 @@ def train_run(cfg: TrainConfig, overwrite: bool = False, progress_bar: bool = Fa
     folds = _make_folds(cfg, cohort, run_dir)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        write_atomic(run_dir / "classes.json", json.dumps({"classes": table.classes}, indent=2) + "\n")
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        write_text_atomic(run_dir / "classes.json", json.dumps({"classes": table.classes}, indent=2) + "\n")
         if not (run_dir / "splits.csv").is_file():
             save_splits(run_dir / "splits.csv", table, folds)
     dataset = BagDataset(cohort.source, table.slide_ids, table.labels, preload=cfg.data.preload)
@@ -365,20 +358,20 @@ def train_run(cfg: TrainConfig, overwrite: bool = False, progress_bar: bool = Fa
         except NonFiniteLossError as e:
             msg = f"fold {fold.index} stopped: {e}"
             if rank0:
-                write_atomic(fold_dir / "failed.txt", msg + "\n")
+                write_text_atomic(fold_dir / "failed.txt", msg + "\n")
             result.folds.append(FoldResult(fold.index, "failed", None, msg))
             emit("fold_failed", {"fold": fold.index, "message": msg})
             continue
         if not rank0:
             continue
-        write_atomic(marker, json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(marker, json.dumps(metrics, indent=2) + "\n")
         done.append(metrics)
         result.folds.append(FoldResult(fold.index, "trained", metrics))
         emit("fold_done", {"fold": fold.index, "metrics": metrics})
     if rank0 and done:
         result.summary = summarize(cfg, table.classes, done, len(folds), run_dir)
         result.summary["failed"] = [f.message for f in result.folds if f.status == "failed"]
-        write_atomic(run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+        write_text_atomic(run_dir / "summary.json", json.dumps(result.summary, indent=2) + "\n")
     _end_distributed()
     return result
 
