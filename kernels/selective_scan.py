@@ -93,6 +93,15 @@ def _lane(tile, t_idx, t: tl.constexpr):
 
 
 @triton.jit
+def _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return bias
+
+
+@triton.jit
 def _load_dt(dt_ptr, off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     dt = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -120,10 +129,7 @@ def _fwd_segment_kernel(
     t_idx = tl.arange(0, T)
     n_idx = tl.arange(0, N)
     in_step = t_idx < STEP
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     P = tl.full((BLOCK_D, N), 1.0, dtype=tl.float32)
     c_end = tl.minimum((seg + 1) * CPS, n_chunks)
@@ -174,10 +180,7 @@ def _fwd_kernel(
     in_step = t_idx < STEP
     if WINDOW > 0:
         keep = ((t_idx + 1) % WINDOW) != 0  # ã = 0 at every window end: g restarts
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     # the state entering this segment: fold the summaries of the segments before it
@@ -253,10 +256,7 @@ def _bwd_segment_kernel(
     t_idx = tl.arange(0, T)
     n_idx = tl.arange(0, N)
     in_step = t_idx < STEP
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     K = tl.full((BLOCK_D, N), 1.0, dtype=tl.float32)
     J = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     c_lo = seg * CPS
@@ -314,10 +314,7 @@ def _bwd_kernel(
     in_step = t_idx < STEP
     if WINDOW > 0:
         keep = ((t_idx + 1) % WINDOW) != 0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)

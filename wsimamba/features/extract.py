@@ -364,7 +364,7 @@ def extract_cohort(
             if row is None or row.get("status") != "ok":
                 # complete output without a manifest row (e.g. the manifest was deleted): rebuild it
                 try:
-                    feats, _, _, _ = read_features(out_dir / (f"{sid}.h5" if cfg.format == "h5" else "features.zarr"), sid)
+                    feats, _, _, _ = read_features(final_path(out_dir, sid, cfg.format))
                     res.patches = int(feats.shape[0])
                 except WsimambaError:
                     pass
