@@ -55,8 +55,9 @@ def _run(fn, args, grad_out, **kw):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items() if v is not None}
     call = {k: leaves.get(k) for k in args}
     out = fn(**call, **kw)
-    (out.float() * grad_out).sum().backward()
-    return out.float(), {k: v.grad.float() for k, v in leaves.items()}
+    wide = torch.float64 if out.dtype == torch.float64 else torch.float32
+    (out.to(wide) * grad_out).sum().backward()
+    return out.to(wide), {k: v.grad.to(wide) for k, v in leaves.items()}
 
 
 def _rel(a, b):
@@ -64,14 +65,27 @@ def _rel(a, b):
 
 
 def _compare(args, tol, **kw):
+    """Kernel against the fp32 reference, output and every gradient, relative error under `tol`.
+
+    A gradient that is a sum of a few terms of opposite sign (a 1-element sequence's dΔ, say) has
+    no fp32 answer good to 1e-5: then both are judged against a float64 reference, and the kernel
+    must be within `tol` of it or no worse than twice the fp32 reference's own error."""
     ref_args = {k: (v.float() if v is not None else None) for k, v in args.items()}
     out_ref, g_ref = _run(selective_scan_reference, ref_args, _grad_like(args), **kw)
     out, g = _run(ks.selective_scan, args, _grad_like(args), **kw)
     assert torch.isfinite(out).all(), "an output element was not written"
-    assert _rel(out, out_ref) < tol, ("out", _rel(out, out_ref))
-    for k in g_ref:
-        assert torch.isfinite(g[k]).all(), f"d{k} has unwritten elements"
-        assert _rel(g[k], g_ref[k]) < tol, (f"d{k}", _rel(g[k], g_ref[k]))
+    got, ref = {"out": out, **g}, {"out": out_ref, **g_ref}
+    for k in ref:
+        assert torch.isfinite(got[k]).all(), f"{k}: unwritten elements"
+    failing = [k for k in ref if _rel(got[k], ref[k]) >= tol]
+    if not failing:
+        return
+    f64_args = {k: (v.double() if v is not None else None) for k, v in args.items()}
+    out64, g64 = _run(selective_scan_reference, f64_args, _grad_like(args).double(), **kw)
+    truth = {"out": out64, **g64}
+    for k in failing:
+        err, ref_err = _rel(got[k].double(), truth[k]), _rel(ref[k].double(), truth[k])
+        assert err < max(tol, 2 * ref_err), (k, "kernel vs float64", err, "fp32 reference vs float64", ref_err)
 
 
 _GRAD = {}
