@@ -1,0 +1,10 @@
+"""Mamba segmentation networks (LightM-UNet, MSVM-UNet, VM-UNet with the multi-head scan): a registry.
+
+    from wsimamba.models.seg import create_segmenter, list_segmenters
+    net = create_segmenter("lightm_unet", in_channels=3, num_classes=2)
+    logits = net(images)                     # images (B, 3, H, W) → (B, 2, H, W)
+"""
+
+from wsimamba.models.seg.registry import create_segmenter, list_segmenters, register_segmenter, segmenter_kwargs
+
+__all__ = ["create_segmenter", "list_segmenters", "register_segmenter", "segmenter_kwargs"]
