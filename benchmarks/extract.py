@@ -9,6 +9,19 @@ slides, grid, encoder and device; the synthetic cohort is written to a temporary
     python benchmarks/extract.py --device cuda --slides 4 --size 16384 --workers 8 --batch-size 256
 
 Prints one JSON line with both rates and their ratio (and writes it to --json when given).
+
+Reader comparison (issue 9): `--readers` times the native-tile reader against the OpenSlide
+DataLoader path, end to end (read → decode → encode → write), for ResNet50-trunc at 224 and 256 px
+and ViT-L/16 (`uni`, random init, 256-px patches resized to 224), plus each encoder alone on
+device-resident patches (the ceiling the readers are measured against). `--gpu` is `--readers` on
+CUDA with a cohort big enough that every fast-path run lasts at least `--min-seconds`:
+
+    python benchmarks/extract.py --gpu                                   # one GPU, all three configs
+    python benchmarks/extract.py --gpu --configs uni --json uni.json     # one config
+    python benchmarks/extract.py --readers --device cpu --slides 2 --size 4096 --configs r50-224 \
+        --min-seconds 0 --workers 2 --batch-size 16                      # a small CPU run
+
+Prints a table (device, date) and one JSON line per config.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +70,177 @@ def naive_loop(slide_paths, cfg, encoder, device, max_patches: int | None) -> tu
     return n, time.perf_counter() - t0
 
 
+READER_CONFIGS = {  # name → (encoder, patch size)
+    "r50-224": ("resnet50-trunc", 224),
+    "r50-256": ("resnet50-trunc", 256),
+    "uni": ("uni", 256),
+    "tiny": ("timm:test_resnet", 256),  # a CPU smoke run: reading dominates
+}
+
+
+def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
+    """Patches/s of reading alone (patches on the device, no encoder), over the slides in turn."""
+    from torch.utils.data import DataLoader
+
+    from wsimamba.features.extract import PatchDataset
+    from wsimamba.features.fastread import TileBatches, choose_decoder, device_patches
+    from wsimamba.slide.reader import open_slide
+    from wsimamba.slide.tiles import plan_tiles
+    from wsimamba.slide.tiling import make_grid
+    from wsimamba.slide.tissue import TissueParams, detect_tissue
+
+    n, busy = 0, 0.0
+    for p in paths:
+        with open_slide(p) as slide:
+            grid = make_grid(slide, detect_tissue(slide, TissueParams()), cfg.target_mpp, cfg.patch_size, cfg.overlap,
+                             cfg.min_tissue)
+            plan = plan_tiles(slide, grid) if reader == "tiles" else None
+        t0 = time.perf_counter()
+        if plan is not None:
+            decoder, _ = choose_decoder(plan, device, "auto")
+            ds = TileBatches(plan, cfg.batch_size, decoder)
+            loader = DataLoader(ds, batch_size=None, num_workers=min(cfg.workers, len(ds)),
+                                prefetch_factor=4 if cfg.workers else None)
+            for item in loader:
+                x = device_patches(item, plan, device)
+                n += x.shape[0]
+        else:
+            loader = DataLoader(PatchDataset(p, grid, None), batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                prefetch_factor=4 if cfg.workers else None)
+            for batch in loader:
+                n += batch.to(device).shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        busy += time.perf_counter() - t0
+        if busy >= seconds:
+            break
+    return n / max(busy, 1e-9)
+
+
+def encoder_alone(embedder, patch_size: int, batch_size: int, seconds: float = 5.0) -> float:
+    """Patches/s of `PatchEmbedder.embed` (resize, normalise, model) on uint8 patches already on the device."""
+    device = embedder.device
+    x = torch.randint(0, 256, (batch_size, patch_size, patch_size, 3), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        embedder.embed(x)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        embedder.embed(x)
+        n += batch_size
+        if n % (4 * batch_size) == 0:
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def _count_patches(paths, cfg) -> list[int]:
+    from wsimamba.slide.reader import open_slide
+    from wsimamba.slide.tiling import make_grid
+    from wsimamba.slide.tissue import TissueParams, detect_tissue
+
+    counts = []
+    for p in paths:
+        with open_slide(p) as slide:
+            counts.append(len(make_grid(slide, detect_tissue(slide, TissueParams()), cfg.target_mpp, cfg.patch_size,
+                                        cfg.overlap, cfg.min_tissue)))
+    return counts
+
+
+def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
+    """Fast path vs OpenSlide loader, per config, on one cohort; prints a table and JSON lines."""
+    import shutil
+
+    from wsimamba.config import ExtractConfig
+    from wsimamba.features.encoders import create_encoder
+    from wsimamba.features.extract import PatchEmbedder, extract_cohort, pick_device
+
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rows = []
+    for name in args.configs.split(","):
+        if name not in READER_CONFIGS:
+            raise SystemExit(f"--configs: unknown {name!r} (choose from {', '.join(READER_CONFIGS)})")
+        enc_name, ps = READER_CONFIGS[name]
+        base = dict(encoder=enc_name, random_init=True, target_mpp=args.target_mpp, patch_size=ps, device=args.device,
+                    workers=args.workers, batch_size=args.batch_size, qc=False, min_tissue=args.min_tissue)
+        embedder = PatchEmbedder(create_encoder(enc_name, random_init=True), device)
+        alone = encoder_alone(embedder, ps, args.batch_size, seconds=3.0 if args.min_seconds else 1.0)
+        # enough copies of the cohort that the fast path (≈ min(encoder, 15k patches/s)) runs ≥ min_seconds
+        per_pass = sum(_count_patches(slide_paths, ExtractConfig(**base)))
+        want = args.min_seconds * min(alone, 15000.0)
+        repeats = max(1, int(np.ceil(want / max(per_pass, 1))))
+        cohort = tmp / f"cohort_{name}"
+        cohort.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for r in range(repeats):
+            for p in slide_paths:
+                link = cohort / f"{p.stem}_r{r:03d}{p.suffix}"
+                if not link.exists():
+                    link.symlink_to(p.resolve())
+                paths.append(link)
+        row = {"config": name, "encoder": enc_name, "patch_size": ps, "encoder_alone_patches_per_s": round(alone, 1)}
+        for reader in ("tiles", "openslide"):
+            row[f"{reader}_read_alone_patches_per_s"] = round(
+                read_alone(paths, ExtractConfig(**base), device, reader, seconds=max(3.0, args.min_seconds / 3)), 1)
+        for reader in ("tiles", "openslide"):
+            cfg = ExtractConfig(**base, reader=reader)
+            out = tmp / f"features_{name}_{reader}"
+            extract_cohort(paths[:1], tmp / "warmup", cfg.model_copy(update={"overwrite": True}))  # workers, cuDNN, nvjpeg
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            results = extract_cohort(paths, out, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            failed = [r for r in results if r.status == "failed"]
+            if failed:
+                raise SystemExit(f"{reader}: extraction failed: {failed[0].slide_id}: {failed[0].error}")
+            n = sum(r.patches for r in results)
+            readers_used = sorted({r.reader for r in results})
+            row[f"{reader}_patches"] = n
+            row[f"{reader}_seconds"] = round(dt, 2)
+            row[f"{reader}_patches_per_s"] = round(n / dt, 1)
+            row[f"{reader}_readers_used"] = readers_used
+            if reader == "tiles":
+                from wsimamba.features.store import read_features
+
+                _, _, _, attrs = read_features(results[0].output)
+                row["tiles_decoder"] = attrs.get("reader_decoder", "")
+                row["tiles_layout"] = attrs.get("reader_layout", "")
+            shutil.rmtree(out, ignore_errors=True)
+        row["speedup"] = round(row["tiles_patches_per_s"] / row["openslide_patches_per_s"], 2)
+        row["tiles_vs_encoder_alone"] = round(row["tiles_patches_per_s"] / alone, 3)
+        rows.append(row)
+        del embedder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"benchmark": "extract-readers", "date": datetime.date.today().isoformat(), "device": device_name(device),
+            "workers": args.workers, "batch_size": args.batch_size, "slide_mpp": args.mpp, "target_mpp": args.target_mpp,
+            "slides": len(slide_paths), "slide_size": args.size}
+    print(f"# {meta['device']}, {meta['date']}: {len(slide_paths)} synthetic SVS of {args.size}² px at {args.mpp} µm/px, "
+          f"target {args.target_mpp} µm/px, workers {args.workers}, batch {args.batch_size}")
+    head = (f"{'config':<8} {'decoder/layout':<22} {'tiles p/s':>10} {'openslide p/s':>14} {'speedup':>8} {'encoder alone':>14} "
+            f"{'tiles/alone':>11} {'read tiles':>11} {'read openslide':>15} {'patches':>9} {'tiles s':>8} {'openslide s':>11}")
+    print(head)
+    for r in rows:
+        print(f"{r['config']:<8} {r.get('tiles_decoder', '') + '/' + r.get('tiles_layout', ''):<22} "
+              f"{r['tiles_patches_per_s']:>10,.1f} {r['openslide_patches_per_s']:>14,.1f} {r['speedup']:>7.2f}x "
+              f"{r['encoder_alone_patches_per_s']:>14,.1f} {r['tiles_vs_encoder_alone']:>11.1%} "
+              f"{r['tiles_read_alone_patches_per_s']:>11,.1f} {r['openslide_read_alone_patches_per_s']:>15,.1f} {r['tiles_patches']:>9,} "
+              f"{r['tiles_seconds']:>8.1f} {r['openslide_seconds']:>11.1f}")
+    lines = [json.dumps({**meta, **r}) for r in rows]
+    for line in lines:
+        print(line)
+    if args.json:
+        args.json.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slides", type=int, default=2)
@@ -70,7 +255,20 @@ def main() -> None:
     ap.add_argument("--naive-max", type=int, default=0, help="stop the naive loop after this many patches (0: all)")
     ap.add_argument("--cohort", type=Path, default=None, help="reuse slides from this synth folder")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--readers", action="store_true", help="compare the native-tile reader with the OpenSlide loader")
+    ap.add_argument("--gpu", action="store_true",
+                    help="--readers on CUDA with GPU-sized defaults (4 slides of 8192² px at 0.5 µm/px, all workers, batch 256)")
+    ap.add_argument("--configs", default=",".join(READER_CONFIGS), help="comma-separated: " + ", ".join(READER_CONFIGS))
+    ap.add_argument("--min-seconds", type=float, default=30.0, help="--readers: cohort repeated until the fast path runs this long")
+    ap.add_argument("--min-tissue", type=float, default=0.25)
     args = ap.parse_args()
+    if args.gpu:
+        args.readers = True
+        defaults = ap.parse_args([])
+        for key, value in dict(device="cuda", workers=min(16, os.cpu_count() or 1), batch_size=256, slides=4,
+                               size=8192, mpp=0.5).items():
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
 
     from wsimamba.config import ExtractConfig
     from wsimamba.features.encoders import create_encoder
@@ -84,6 +282,9 @@ def main() -> None:
     else:
         slide_dir = args.cohort / "slides"
     paths = sorted(slide_dir.glob("*.svs"))
+    if args.readers:
+        compare_readers(args, paths, tmp)
+        return
     cfg = ExtractConfig(encoder=args.encoder, random_init=True, target_mpp=args.target_mpp, patch_size=args.patch_size,
                         device=args.device, workers=args.workers, batch_size=args.batch_size, qc=False)
     device = pick_device(cfg.device)

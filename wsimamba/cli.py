@@ -165,6 +165,7 @@ def extract(
     shard: str = typer.Option("0/1", "--shard", help="I/N: take the I-th of N deterministic parts of the slide list (SLURM arrays)."),
     no_qc: bool = typer.Option(False, "--no-qc", help="Do not write qc/<slide_id>.png."),
     seed: int = typer.Option(0, "--seed", help="Seed for --random-init weights."),
+    reader: str = typer.Option("auto", "--reader", help="auto (native JPEG tiles when the grid allows and the encoder runs on CUDA, else OpenSlide), tiles or openslide."),
 ):
     """Tile slides on tissue, embed every patch, write one feature file per slide."""
     from wsimamba.config import ExtractConfig, build_config
@@ -186,7 +187,7 @@ def extract(
             mpp_override=mpp_override, tissue_masks=tissue_masks,
             tissue=dict(use_otsu=otsu, sthresh=sthresh, min_tissue_mm2=min_tissue_mm2),
             encoder=encoder, weights=weights, random_init=random_init, seed=seed, device=device,
-            batch_size=batch_size, workers=workers, format=fmt, overwrite=overwrite, qc=not no_qc,
+            batch_size=batch_size, workers=workers, format=fmt, overwrite=overwrite, qc=not no_qc, reader=reader,
         ),
     )
     shard_t = parse_shard(shard)

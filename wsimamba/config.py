@@ -51,6 +51,9 @@ class ExtractConfig(StrictModel):
     format: Literal["h5", "zarr"] = "h5"
     overwrite: bool = False
     qc: bool = True
+    reader: Literal["auto", "openslide", "tiles"] = Field(
+        "auto", description="auto: native JPEG tiles when the grid allows, else OpenSlide; tiles / openslide force one"
+    )
 
     @model_validator(mode="after")
     def _check(self):

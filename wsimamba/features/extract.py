@@ -26,6 +26,7 @@ from wsimamba.features.manifest import read_manifest, update_manifest
 from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
 from wsimamba.slide.qc import render_qc, write_png_atomic
 from wsimamba.slide.reader import find_slides, open_slide, slide_id_of
+from wsimamba.slide.tiles import NativeTilesUnsupported, TilePlan, plan_tiles
 from wsimamba.slide.tiling import PatchGrid, make_grid
 from wsimamba.slide.tissue import TissueParams, detect_tissue, load_tissue_mask
 
@@ -39,6 +40,7 @@ class SlideResult:
     seconds: float = 0.0
     error: str = ""
     output: str = ""
+    reader: str = ""  # "tiles" or "openslide": what read the patches
 
 
 class ExtractProgress:
@@ -212,9 +214,13 @@ class PatchEmbedder:
         self.mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
 
-    @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """batch uint8 (B, H, W, 3) → float32 (B, dim)."""
+        return self.embed(batch).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """batch uint8 (B, H, W, 3), on any device → features (B, dim) on this device, not synchronised."""
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         size = self.encoder.input_size
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
@@ -225,7 +231,7 @@ class PatchEmbedder:
                 out = self.model(x)
         else:
             out = torch.cat([self.model(part) for part in x.split(self.micro)])
-        return out.float().cpu().numpy()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +286,72 @@ def extract_slide(
             "mpp_source": slide.mpp_source,
             "tissue_mask_source": tissue.source,
         }
+        plan, fallback = choose_reader(slide, grid, cfg.reader, embedder.device)
+    reader_attrs = {"reader": "tiles" if plan is not None else "openslide", "reader_requested": cfg.reader,
+                    "reader_fallback": fallback}
     progress.slide_start(sid, len(grid))
+    writer = FeatureWriter(out_dir, sid, embedder.encoder.dim, cfg.format)
+    try:
+        if plan is not None:
+            from wsimamba.features.fastread import requested_decoder, run_tiles
+
+            def append(feats, start, stop):
+                writer.append(feats, grid.coords[start:stop])
+
+            run = run_tiles(plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress)
+            reader_attrs.update(run.attrs())
+        else:
+            _read_with_openslide(slide_path, grid, cfg, embedder, writer, progress)
+        if writer.n != len(grid):
+            raise SlideError(f"{slide_path}: {writer.n} of {len(grid)} patches were embedded")
+        enc = embedder.encoder
+        file_attrs = {
+            "encoder": enc.name,
+            "encoder_weights_sha256": enc.weights_sha256,
+            "encoder_weights_path": enc.weights_path,
+            "encoder_input_size": enc.input_size or grid.patch_size,
+            "feature_dim": enc.dim,
+            "wsimamba_version": wsimamba.__version__,
+            "min_tissue": cfg.min_tissue,
+            **tparams.as_attrs(),
+            **slide_attrs,
+            **reader_attrs,
+        }
+        out = writer.finalize(grid.coords_attrs(sid), file_attrs)
+    except BaseException:
+        writer.abort()
+        raise
+    return SlideResult(
+        slide_id=sid, slide_path=str(slide_path), status="ok", patches=len(grid),
+        seconds=time.perf_counter() - t0, output=str(out), reader=reader_attrs["reader"],
+    )
+
+
+def choose_reader(slide, grid: PatchGrid, requested: str, device: torch.device | None = None) -> tuple[TilePlan | None, str]:
+    """(plan, fallback reason): a native-tile plan, or None and why the OpenSlide path reads instead.
+
+    `requested`: "auto" (tiles when the plan allows and the encoder runs on CUDA, else OpenSlide),
+    "tiles" (a slide the plan refuses is a SlideError naming the reason), "openslide".
+    With the encoder on the CPU, reading is never the bottleneck, and the tile path's extra decode and
+    resize threads compete with the encoder for the cores: 1.7× slower end to end on the 2-core CI
+    machine (synthetic SVS, ResNet-50), so `auto` keeps OpenSlide there.
+    """
+    if requested == "openslide":
+        return None, ""
+    try:
+        plan = plan_tiles(slide, grid)
+    except NativeTilesUnsupported as e:
+        if requested == "tiles":
+            raise SlideError(f"{slide.path}: --reader tiles cannot read this slide: {e}") from None
+        return None, str(e)
+    if requested == "auto" and device is not None and device.type != "cuda":
+        return None, f"the encoder runs on {device.type}, where reading is not the bottleneck (--reader tiles forces tiles)"
+    return plan, ""
+
+
+def _read_with_openslide(slide_path: Path, grid: PatchGrid, cfg: ExtractConfig, embedder: PatchEmbedder,
+                         writer: FeatureWriter, progress: ExtractProgress) -> None:
+    """The general path: DataLoader workers call `Slide.read_at` per patch."""
     ds = PatchDataset(slide_path, grid, cfg.mpp_override)
     on_cuda = embedder.device.type == "cuda"
     # small slides: smaller reading batches, so that every worker gets a share of the patches
@@ -294,35 +365,13 @@ def extract_slide(
         prefetch_factor=4 if cfg.workers > 0 else None,
         persistent_workers=False,
     )
-    writer = FeatureWriter(out_dir, sid, embedder.encoder.dim, cfg.format)
-    try:
-        offset = 0
-        for batch in loader:
-            feats = embedder(batch)
-            b = feats.shape[0]
-            writer.append(feats, grid.coords[offset : offset + b])
-            offset += b
-            progress.patches_done(b)
-        enc = embedder.encoder
-        file_attrs = {
-            "encoder": enc.name,
-            "encoder_weights_sha256": enc.weights_sha256,
-            "encoder_weights_path": enc.weights_path,
-            "encoder_input_size": enc.input_size or grid.patch_size,
-            "feature_dim": enc.dim,
-            "wsimamba_version": wsimamba.__version__,
-            "min_tissue": cfg.min_tissue,
-            **tparams.as_attrs(),
-            **slide_attrs,
-        }
-        out = writer.finalize(grid.coords_attrs(sid), file_attrs)
-    except BaseException:
-        writer.abort()
-        raise
-    return SlideResult(
-        slide_id=sid, slide_path=str(slide_path), status="ok", patches=len(grid),
-        seconds=time.perf_counter() - t0, output=str(out),
-    )
+    offset = 0
+    for batch in loader:
+        feats = embedder(batch)
+        b = feats.shape[0]
+        writer.append(feats, grid.coords[offset : offset + b])
+        offset += b
+        progress.patches_done(b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wsimamba.atomic import atomic_path
 
-COLUMNS = ("slide_id", "status", "patches", "seconds", "error", "slide_path", "output")
+COLUMNS = ("slide_id", "status", "patches", "seconds", "error", "slide_path", "output", "reader")
 MANIFEST = "manifest.csv"
 
 
