@@ -8,6 +8,9 @@ ever downloaded. Built-in names:
 - `uni`: timm ViT-L/16 with UNI's settings (224 px, LayerScale 1e-5, no head), 1024-d.
 - `timm:<name>`: any timm architecture, built without its classifier head; weights are a timm state
   dict for that architecture.
+- `vim_tiny`, `lbvim_tiny`, `vmamba_tiny`, `resvmamba_small`: the Mamba vision backbones of
+  `wsimamba.models.vision` without their head (pooled features, 224 px, ImageNet mean/std); weights are
+  a state dict of that backbone (a `head.*` in it is ignored).
 """
 
 from __future__ import annotations
@@ -115,6 +118,26 @@ def _uni():
         "vit_large_patch16_224", img_size=224, init_values=1e-5, dynamic_img_size=True
     )
     return model, dim, 224, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _vision_backbone(name: str):
+    def build():
+        from wsimamba.models.vision import create_backbone  # imported on use: features need not load models
+
+        model = create_backbone(name, num_classes=0)
+        return model, model.num_features, 224, IMAGENET_MEAN, IMAGENET_STD
+
+    return build
+
+
+# the Mamba vision backbones of wsimamba.models.vision, pooled features at 224 px
+for _name, _description in (
+    ("vim_tiny", "Vim-Ti (BiMamba v2, middle class token), 192-d"),
+    ("lbvim_tiny", "LBVim-Ti (locally bidirectional Mamba, flipped per layer, mean pool), 192-d"),
+    ("vmamba_tiny", "VMamba-T (SS2D four-way scan), 768-d"),
+    ("resvmamba_small", "Res-VMamba on VMamba-S, 768-d"),
+):
+    register_encoder(_name, _description)(_vision_backbone(_name))
 
 
 def _file_sha256(path: Path) -> str:
