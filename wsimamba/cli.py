@@ -478,6 +478,52 @@ def demo(
 
 
 # ---------------------------------------------------------------------------------------------
+# quantize
+
+
+@app.command()
+def quantize(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `wsimamba train`."),
+    cfg: Optional[Path] = typer.Option(None, "--cfg", "-c", help="Quantization config (YAML), e.g. configs/quant.yaml."),
+    method: Optional[str] = typer.Option(None, "--method", help="naive, hadamard, mambaquant or all (default all)."),
+    calib_slides: Optional[int] = typer.Option(None, "--calib-slides", help="Training slides per fold to calibrate on (default 8)."),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="Weight bits: 8 or 4 (default 8)."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits: 8."),
+    granularity: Optional[str] = typer.Option(None, "--act", help="Activation scales: tensor (static) or token (dynamic)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/quant)."),
+):
+    """Post-training W8A8 quantization (MambaQuant) of every fold; float vs each method on the test slides."""
+    from wsimamba.quant.run import check_run_dir, quantize_run
+    from wsimamba.config import load_quant_config
+    from wsimamba.quant.spec import METHODS
+
+    qc = load_quant_config(cfg, {"method": method, "calib_slides": calib_slides, "w_bits": w_bits, "a_bits": a_bits,
+                                 "granularity": granularity, "device": device})
+    check_run_dir(run_dir)  # before the bar starts, so a bad folder is one line
+    methods = METHODS if qc.method == "all" else (qc.method,)
+    with _bar("quantize") as (progress, task):
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "start":
+                progress.update(task, total=info["steps"])
+            elif kind == "step":
+                progress.update(task, advance=1, description=f"fold {info['fold']} {info['method']}")
+
+        result = quantize_run(run_dir, methods, qc.calib_slides, qc.w_bits, qc.a_bits, out, qc.device,
+                              qc.granularity, qc.percentile, qc.alpha, qc.seed, on_event=on_event)
+    s = result.summary
+    table = Table("method", "AUC", "accuracy", "bal. accuracy", "F1", "mean |Δp|",
+                  title=f"{run_dir}: W{s['w_bits']}A{s['a_bits']}, {s['folds']} fold(s), {s['device']}")
+    for name, m in s["methods"].items():
+        table.add_row(name, _pm(m["auc"]), _pm(m["accuracy"]), _pm(m["balanced_accuracy"]), _pm(m["f1"]),
+                      _pm(m["mean_abs_dprob"]))
+    (stdout if stdout.is_terminal else Console(width=140, file=sys.stdout)).print(table)
+    stdout.print(f"table: {result.out_dir / 'quant_table.csv'}  summary: {result.out_dir / 'quant_summary.md'}  "
+                 f"checkpoints: {len(result.checkpoints)} in {result.out_dir}", highlight=False, soft_wrap=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 

@@ -273,3 +273,28 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     return build_config(TrainConfig, data, where=str(path) if path is not None else "config")
+
+
+# ---------------------------------------------------------------------------------------------
+# wsimamba quantize
+
+
+class QuantConfig(StrictModel):
+    """Keys of configs/quant.yaml (`wsimamba quantize --cfg`); command-line flags override them."""
+
+    method: Literal["naive", "hadamard", "mambaquant", "all"] = "all"
+    calib_slides: int = Field(8, ge=1, description="training slides per fold to calibrate on")
+    w_bits: Literal[4, 8] = 8
+    a_bits: Literal[8] = 8
+    granularity: Literal["tensor", "token"] = "tensor"
+    percentile: float = Field(99.99, gt=50, le=100)
+    alpha: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    device: str = "auto"
+
+
+def load_quant_config(path: str | Path | None = None, overrides: dict | None = None) -> QuantConfig:
+    """configs/quant.yaml (or the defaults) with `overrides` (None values ignored); errors name the key."""
+    data = load_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(QuantConfig, data, where=str(path) if path is not None else "quantize options")

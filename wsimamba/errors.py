@@ -19,3 +19,7 @@ class EncoderError(WsimambaError):
 
 class FeatureStoreError(WsimambaError):
     """A feature file is missing, incomplete or malformed."""
+
+
+class QuantError(WsimambaError):
+    """A quantization method, setting, model or quantized checkpoint is unusable."""
