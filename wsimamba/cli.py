@@ -70,6 +70,33 @@ def synth(
     stdout.print(f"labels: {Path(out_dir) / 'labels.csv'}   masks: {Path(out_dir) / 'masks'}")
 
 
+@app.command(name="synth-images")
+def synth_images_(
+    out_dir: Path = typer.Argument(..., help="Folder to write the images (and, for cnfood241, the list files) into."),
+    classes: int = typer.Option(4, "--classes", help="Number of classes (2-10), one procedural pattern each."),
+    per_class: int = typer.Option(40, "--per-class", help="Images per class (all splits together)."),
+    size: int = typer.Option(64, "--size", help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same images)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of each class in val/."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of each class in test/."),
+    layout: str = typer.Option("imagefolder", "--layout", help="imagefolder (train/ val/ test/ class folders) or "
+                               "cnfood241 (images/NNN/*.png + train.txt, val.txt, test.txt)."),
+):
+    """Write a synthetic image-classification dataset: stripes, checkerboards, discs, rings, … in random colours."""
+    from wsimamba.data.images import synth_images
+
+    with _bar("images") as (progress, task):
+        made = synth_images(out_dir, classes=classes, per_class=per_class, size=size, seed=seed,
+                            val_fraction=val_fraction, test_fraction=test_fraction, layout=layout,
+                            progress=lambda done, total: progress.update(task, completed=done, total=total))
+    counts = ", ".join(f"{n} {part}" for part, n in made.counts.items() if n)
+    stdout.print(f"wrote {sum(made.counts.values())} images ({counts}) of {len(made.classes)} classes "
+                 f"({', '.join(made.classes)}) to {made.root}", highlight=False, soft_wrap=True)
+    if made.lists:
+        stdout.print(f"image root: {made.image_root}   lists: {'  '.join(str(p) for p in made.lists.values())}",
+                     highlight=False, soft_wrap=True)
+
+
 class _Bar:
     def __init__(self, label: str):
         self.label = label
@@ -261,6 +288,28 @@ def _summary_lines(summary: dict, run_dir: Path) -> None:
     stdout.print(f"→ {run_dir / 'summary.json'}", highlight=False, soft_wrap=True)
 
 
+def _classify_events(kind: str, info: dict) -> None:
+    if kind == "classify_start":
+        c = info["counts"]
+        how = f"resuming from {info['resume']}" if info["resume"] else "training"
+        stdout.print(
+            f"run {info['run_dir']}: {info['model']} ({info['params'] / 1e6:.2f}M parameters), {info['classes']} classes; "
+            f"{c['train']} train, {c['val']} val, {c['test']} test images from {info['root']} ({info['source']}); "
+            f"{how}, {info['precision']}; evaluating on {info['eval_part']}", highlight=False, soft_wrap=True)
+    elif kind in ("classify_done", "classify_skip"):
+        m = info["metrics"]
+        e = m["eval"]
+        topk = next(k for k in e if k.startswith("top") and k != "top1")
+        how = "done earlier" if kind == "classify_skip" else f"{m['epochs']} epochs (best {m['best_epoch']}), {m['seconds']:.0f} s"
+        stdout.print(f"{m['evaluated_on']} ({m['n_' + m['evaluated_on']]} images): top-1 {_fmt(e['top1'])}, "
+                     f"{topk[:3]}-{topk[3:]} {_fmt(e[topk])}, balanced accuracy {_fmt(e['balanced_accuracy'])}, "
+                     f"macro F1 {_fmt(e['macro_f1'])} — {how}", highlight=False, soft_wrap=True)
+        stdout.print(f"→ {info['run_dir'] / 'metrics.json'}  {info['run_dir'] / 'confusion.png'}", highlight=False,
+                     soft_wrap=True)
+    elif kind == "classify_failed":
+        err.print(info["message"], highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="More key=value overrides (after --set)."),
@@ -270,7 +319,7 @@ def train(
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out labelled slides that have no feature file."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar per fold (default: when a terminal)."),
 ):
-    """Train a MIL aggregator with case-grouped cross-validation; writes a run folder (see README)."""
+    """Train a MIL aggregator with case-grouped cross-validation, or (task: classify) an image classifier; writes a run folder (see README)."""
     from wsimamba.config import load_train_config
     from wsimamba.train.run import train_run
 
@@ -282,6 +331,9 @@ def train(
         extra.append("data.skip_missing=true")
     config = load_train_config(cfg, extra)
     show = sys.stdout.isatty() if progress is None else progress
+    if config.task == "classify":
+        result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_classify_events)
+        return 1 if result.status == "failed" else 0
     result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_train_events)
     if result.summary is not None:
         _summary_lines(result.summary, result.run_dir)

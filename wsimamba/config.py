@@ -238,6 +238,7 @@ class TrainLoopConfig(StrictModel):
 class TrainConfig(StrictModel):
     """What `wsimamba train` does: a run folder `<out>/<name>` with one subfolder per fold."""
 
+    task: Literal["mil"] = Field("mil", description="mil (this config) or classify (ClassifyConfig)")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (folder under out)")
     data: TrainDataConfig
     model: TrainModelConfig = TrainModelConfig()
@@ -268,11 +269,195 @@ class TrainConfig(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a train config (YAML) and apply `key=value` overrides; errors name the file and key."""
+def load_train_config(path: str | Path | None,
+                      overrides: list[str] = ()) -> "TrainConfig | ClassifyConfig":
+    """Read a train config (YAML) and apply `key=value` overrides; errors name the file and key.
+
+    The top-level `task` picks the schema: `mil` (default, TrainConfig) or `classify` (ClassifyConfig).
+    """
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
-    return build_config(TrainConfig, data, where=str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    task = data.get("task", "mil")
+    if task == "classify":
+        return build_config(ClassifyConfig, data, where=where)
+    if task != "mil":
+        raise ConfigError(f"{where}: task: must be 'mil' or 'classify' (got {task!r})")
+    return build_config(TrainConfig, data, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# wsimamba train, task: classify (images → class; see wsimamba/train/classify.py for the run folder)
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentations (torchvision.transforms.v2); evaluation only resizes and center-crops."""
+
+    policy: Literal["trivialaugment", "randaugment", "colorjitter", "none"] = Field(
+        "trivialaugment", description="per-image policy after the random resized crop and flip")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    hflip: bool = True
+    color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation strength (policy: colorjitter)")
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of RandomErasing per image")
+    mixup: float = Field(0.0, ge=0, description="MixUp alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0: off); with mixup, one of the two per batch")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v):
+        lo, hi = v
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"must be two numbers 0 < low <= high <= 1 (got {list(v)})")
+        return v
+
+
+class ClassifyDataConfig(StrictModel):
+    """The images: an ImageFolder tree or CNFOOD-241's layout (image root + list files)."""
+
+    root: Path = Field(description="imagefolder: the tree (with train/ [val/] [test/] or class folders directly); "
+                       "cnfood241: the image root the list files are relative to (e.g. train600x600)")
+    format: Literal["imagefolder", "cnfood241"] = "imagefolder"
+    train_list: Path | None = Field(None, description="cnfood241: `relative/path.jpg label` per line")
+    val_list: Path | None = None
+    test_list: Path | None = None
+    classes: list[str] | None = Field(None, description="class names in index order (cnfood241: names for labels 0..K-1)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of training images (per class) held out "
+                                "for validation when the data has no validation split")
+    image_size: int = Field(224, ge=8)
+    eval_crop: float = Field(0.875, gt=0, le=1, description="evaluation: resize to image_size/eval_crop, center-crop image_size")
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    augment: AugmentConfig = AugmentConfig()
+    workers: int = Field(4, ge=0, description="DataLoader workers decoding images")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_text(cls, v):
+        return [str(c) for c in v] if isinstance(v, (list, tuple)) else v
+
+    @model_validator(mode="after")
+    def _lists(self):
+        lists = ("train_list", "val_list", "test_list")
+        if self.format == "cnfood241" and self.train_list is None:
+            raise ValueError("data.train_list is required with format: cnfood241")
+        if self.format == "imagefolder":
+            for key in lists:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key} applies to format: cnfood241 only (imagefolder finds its splits "
+                                     "as train/ val/ test/ folders)")
+        return self
+
+
+class ClassifyModelConfig(BaseModel):
+    """A backbone of wsimamba.models.vision (or `timm:<arch>`); every other key is a constructor keyword."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(description="registered backbone (list_backbones()) or timm:<arch>")
+    weights: Path | None = Field(None, description="local state-dict file to start from (a head of another shape is left out)")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The backbone's constructor keywords: the extra keys (num_classes is set by the run)."""
+        return dict(self.model_extra or {})
+
+    def check(self) -> None:
+        """ValueError naming the key when the name is unknown or a key does not apply to the backbone."""
+        if "num_classes" in self.kwargs():
+            raise ValueError("model.num_classes is set from the data's classes; leave it out")
+        if self.name.startswith("timm:"):
+            if not self.name[len("timm:"):]:
+                raise ValueError("model.name: 'timm:' needs an architecture, e.g. timm:resnet18")
+            return  # timm checks its own keywords when the model is built
+        from wsimamba.models.vision import backbone_kwargs, list_backbones
+
+        known = list_backbones()
+        if self.name not in known:
+            raise ValueError(f"model.name: unknown backbone {self.name!r}; choose one of "
+                             f"{', '.join(sorted(known)) or '(none registered)'} or timm:<arch>")
+        accepted = backbone_kwargs(self.name)
+        if "kwargs" in accepted:  # a constructor with **kwargs takes anything
+            return
+        for key in self.kwargs():
+            if key not in accepted:
+                raise ValueError(f"model.{key} does not apply to {self.name!r} (it takes: {', '.join(accepted)})")
+
+
+class ClassifyEarlyStoppingConfig(StrictModel):
+    """Stop when the validation metric has not improved for `patience` epochs."""
+
+    enabled: bool = True
+    monitor: Literal["val_top1", "val_loss"] = "val_top1"
+    patience: int = Field(10, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class ClassifyTrainConfig(StrictModel):
+    """Optimisation (AdamW, linear warmup then cosine, per step) and the Trainer's devices."""
+
+    epochs: int = Field(100, ge=1)
+    min_epochs: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, description="images per device and step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup)")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine")
+    warmup_epochs: float = Field(0, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay (not on norms, biases, A_log, D)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1)
+    early_stopping: ClassifyEarlyStoppingConfig = ClassifyEarlyStoppingConfig()
+    seed: int = 0
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU with bf16, else 32-true"
+    )
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    deterministic: bool = False
+
+    def check(self) -> None:
+        if self.min_epochs > self.epochs:
+            raise ValueError(f"train.min_epochs ({self.min_epochs}) is more than train.epochs ({self.epochs})")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be less than train.epochs ({self.epochs})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) is more than train.lr ({self.lr})")
+
+
+class ClassifyConfig(StrictModel):
+    """`wsimamba train` with `task: classify`: one image classifier trained into `<out>/<name>`."""
+
+    task: Literal["classify"]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (folder under out)")
+    data: ClassifyDataConfig
+    model: ClassifyModelConfig
+    train: ClassifyTrainConfig = ClassifyTrainConfig()
+    out: Path = Field(Path("runs"), description="parent folder of run folders")
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.model.check()
+        self.train.check()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.name
+
+    def resolved(self) -> "ClassifyConfig":
+        """A copy with every path absolute (relative ones are taken from the current folder)."""
+        data = self.model_dump()
+        for key in ("root", "train_list", "val_list", "test_list"):
+            if data["data"][key] is not None:
+                data["data"][key] = Path(data["data"][key]).expanduser().resolve()
+        if data["model"].get("weights") is not None:
+            data["model"]["weights"] = Path(data["model"]["weights"]).expanduser().resolve()
+        data["out"] = Path(data["out"]).expanduser().resolve()
+        return ClassifyConfig.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
         shutil.rmtree(run_dir)
     if saved.is_file():
         old = yaml.safe_load(saved.read_text()) or {}
+        old.setdefault("task", "mil")  # run folders written before the task switch existed
         changes = _diff(old, cfg.model_dump(mode="json"))
         if changes:
             raise ConfigError(
@@ -317,7 +318,14 @@ def train_run(cfg: TrainConfig, overwrite: bool = False, progress_bar: bool = Fa
     `on_event(kind, info)` is called with kind "start" (cohort facts), "fold_start", "fold_skip",
     "fold_done", "fold_failed" for the caller to report. A fold whose loss turns non-finite is
     recorded as failed (no metrics.json, so a rerun retries it) and the other folds go on.
+
+    A ClassifyConfig (`task: classify`) goes to :func:`wsimamba.train.classify.classify_run` instead,
+    which returns a ClassifyResult and reports its own events.
     """
+    if getattr(cfg, "task", "mil") == "classify":
+        from wsimamba.train.classify import classify_run
+
+        return classify_run(cfg, overwrite=overwrite, progress_bar=progress_bar, on_event=on_event)
     cfg = cfg.resolved()
     rank0 = global_rank() == 0
     # every rank of a distributed run executes this function; only rank 0 reports
