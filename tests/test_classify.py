@@ -142,7 +142,7 @@ def test_mil_run_folder_from_before_the_task_switch_still_resumes(tmp_path):
     ("model.name=nosuchnet", "model.name: unknown backbone 'nosuchnet'"),
     ("data.format=cnfood241", "data.train_list is required with format: cnfood241"),
     ("data.train_list=x.txt", "data.train_list applies to format: cnfood241 only"),
-    ("task=segment", "task: must be 'mil' or 'classify' (got 'segment')"),
+    ("task=segmentation", "task: must be 'mil', 'classify' or 'segment' (got 'segmentation')"),
 ])
 def test_bad_config_is_a_one_line_error_naming_the_key(tmp_path, capsys, override, message):
     args = classify_args(tmp_path / "data", tmp_path, "bad", "resvmamba_small", override)

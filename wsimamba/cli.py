@@ -53,6 +53,7 @@ def synth(
     ),
     fmt: str = typer.Option("svs", "--format", help="svs (Aperio-style) or tiff (generic pyramidal TIFF)."),
     mpp: float = typer.Option(0.25, "--mpp", help="Level-0 microns per pixel written into the slides."),
+    mask_downsample: int = typer.Option(32, "--mask-downsample", min=1, help="Level-0 pixels per tumor-mask pixel."),
 ):
     """Write a synthetic H&E cohort: pyramidal slides, tumor masks and labels.csv."""
     from wsimamba.slide.synth import synth_cohort
@@ -63,7 +64,7 @@ def synth(
         progress.update(task, total=slides)
         made = synth_cohort(
             out_dir, slides, seed=seed, size=size, tumor_fraction=tumor_fraction, fmt=fmt, mpp=mpp,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            mask_downsample=mask_downsample, progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     pos = sum(1 for s in made if s.label == 1)
     stdout.print(f"wrote {len(made)} slides ({pos} tumor, {len(made) - pos} normal) to {Path(out_dir) / 'slides'}")
@@ -310,6 +311,30 @@ def _classify_events(kind: str, info: dict) -> None:
         err.print(info["message"], highlight=False, markup=False, soft_wrap=True)
 
 
+def _segment_events(kind: str, info: dict) -> None:
+    if kind == "segment_start":
+        c = info["counts"]
+        how = f"resuming from {info['resume']}" if info["resume"] else "training"
+        stdout.print(
+            f"run {info['run_dir']}: {info['model']} ({info['params'] / 1e6:.2f}M parameters), classes "
+            f"{', '.join(info['classes'])}; {c['train']} train, {c['val']} val, {c['test']} test pairs from "
+            f"{info['root']} ({info['source']}); {how}, {info['precision']}; evaluating on {info['eval_part']}",
+            highlight=False, soft_wrap=True)
+    elif kind in ("segment_done", "segment_skip"):
+        m = info["metrics"]
+        e = m["eval"]
+        fg = [(name, v) for name, v in e["per_class"].items()][1:]
+        per = ", ".join(f"{name}: Dice {_fmt(v['dice'])}, IoU {_fmt(v['iou'])}, HD95 {_fmt(v['hd95'], 1)} "
+                        f"(constant Dice {_fmt(v['constant_dice'])})" for name, v in fg)
+        how = "done earlier" if kind == "segment_skip" else f"{m['epochs']} epochs (best {m['best_epoch']}), {m['seconds']:.0f} s"
+        stdout.print(f"{m['evaluated_on']} ({m['n_' + m['evaluated_on']]} images): {per} — {how}", highlight=False,
+                     soft_wrap=True)
+        stdout.print(f"→ {info['run_dir'] / 'metrics.json'}  {info['run_dir'] / 'overlays'}", highlight=False,
+                     soft_wrap=True)
+    elif kind == "segment_failed":
+        err.print(info["message"], highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="More key=value overrides (after --set)."),
@@ -319,7 +344,7 @@ def train(
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Leave out labelled slides that have no feature file."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar per fold (default: when a terminal)."),
 ):
-    """Train a MIL aggregator with case-grouped cross-validation, or (task: classify) an image classifier; writes a run folder (see README)."""
+    """Train a MIL aggregator with case-grouped cross-validation, (task: classify) an image classifier, or (task: segment) a segmentation network; writes a run folder (see README)."""
     from wsimamba.config import load_train_config
     from wsimamba.train.run import train_run
 
@@ -333,6 +358,9 @@ def train(
     show = sys.stdout.isatty() if progress is None else progress
     if config.task == "classify":
         result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_classify_events)
+        return 1 if result.status == "failed" else 0
+    if config.task == "segment":
+        result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_segment_events)
         return 1 if result.status == "failed" else 0
     result = train_run(config, overwrite=overwrite, progress_bar=show, on_event=_train_events)
     if result.summary is not None:
@@ -421,6 +449,79 @@ def heatmap(
     run = load_run(run_dir)
     for s in slide:
         _print_heatmap(attention_heatmap(run, s, fold=fold, mask=mask, out_dir=out, thumb_size=thumb_size, device=device))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation: tiles and stitched slide masks
+
+
+@app.command()
+def tiles(
+    slides_dir: Path = typer.Argument(..., help="Folder of slides (e.g. the slides/ of `wsimamba synth`)."),
+    masks_dir: Path = typer.Argument(..., help="Folder of tumour masks <slide_id>.png (any downsample)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write images/, masks/, index.csv and tiles.json into."),
+    mpp: float = typer.Option(1.0, "--mpp", help="Resolution tiles are cut at (µm/px)."),
+    size: int = typer.Option(256, "--size", min=8, help="Tile side at --mpp (pixels)."),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Fraction of a tile that must lie on tissue."),
+    max_per_slide: Optional[int] = typer.Option(None, "--max-per-slide", help="At most this many tiles per slide (seeded draw)."),
+    tumor_share: float = typer.Option(0.5, "--tumor-share", help="With --max-per-slide: share drawn from tiles with tumour."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of cases (slides) whose tiles go to val."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of cases (slides) whose tiles go to test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tile draw and the split."),
+    mask_downsample: Optional[float] = typer.Option(None, "--mask-downsample", help="Level-0 pixels per mask pixel "
+                                                    "(default: the mask PNG / cohort.json, else mask vs slide size)."),
+    mpp_override: Optional[float] = typer.Option(None, "--mpp-override", help="Level-0 µm/px for slides that lack it."),
+):
+    """Cut image/mask tile pairs for segmentation from slides and their tumour masks, split by slide."""
+    from wsimamba.slide.segtiles import cut_tiles
+
+    with _bar("slides") as (progress, task):
+        made = cut_tiles(slides_dir, masks_dir, out_dir, mpp=mpp, size=size, min_tissue=min_tissue,
+                         max_per_slide=max_per_slide, tumor_share=tumor_share, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, mask_downsample=mask_downsample,
+                         mpp_override=mpp_override,
+                         progress=lambda done, total: progress.update(task, completed=done, total=total))
+    c = made.counts()
+    tumor = sum(1 for r in made.rows if r["tumor_fraction"] > 0)
+    stdout.print(f"wrote {len(made.rows)} tile pairs ({tumor} with tumour) from {len(made.per_slide)} slides to "
+                 f"{out_dir}: {c['train']} train, {c['val']} val, {c['test']} test (split by slide)",
+                 highlight=False, soft_wrap=True)
+    stdout.print(f"index: {Path(out_dir) / 'index.csv'}", highlight=False, soft_wrap=True)
+    return 0
+
+
+@app.command()
+def segment(
+    run_dir: Path = typer.Argument(..., help="A segmentation run folder (task: segment)."),
+    slide: list[Path] = typer.Option(..., "--slide", "-s", help="Slide file (repeat for several)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN_DIR/segmentations)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Ground-truth mask PNG (default: masks/<slide_id>.png beside the slides folder, if any)."),
+    thumb_size: int = typer.Option(1024, "--thumb-size", min=64, help="Longer side of the thumbnail, pixels."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Tile µm/px (default: the run's tiles.json)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Tile side in pixels (default: the run's tiles.json)."),
+    min_tissue: float = typer.Option(0.1, "--min-tissue", help="Fraction of a tile that must lie on tissue."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Tiles per forward pass."),
+):
+    """Segment slides tile by tile with a trained segmenter; stitch the predicted mask over the thumbnail."""
+    from wsimamba.eval.stitch import segment_slide
+
+    if mask is not None and len(slide) > 1:
+        raise _UsageError("--mask goes with a single --slide")
+    with _bar("slides") as (progress, task):
+        progress.update(task, total=len(slide))
+        results = []
+        for s in slide:
+            results.append(segment_slide(run_dir, s, out, mask=mask, thumb_size=thumb_size, device=device,
+                                         batch_size=batch_size, mpp=mpp, size=size, min_tissue=min_tissue))
+            progress.update(task, advance=1)
+    for r in results:
+        share = r.info["predicted_share"]
+        line = f"{r.slide_id}: {r.info['tiles']} tiles, predicted tumour {1 - share.get('0', 0):.1%} of the thumbnail"
+        if r.info.get("dice"):
+            line += "; against the mask: Dice " + ", ".join(_fmt(v) for v in r.info["dice"].values())
+        stdout.print(line + f" → {r.overlay_png}  {r.mask_png}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -270,10 +270,11 @@ class TrainConfig(StrictModel):
 
 
 def load_train_config(path: str | Path | None,
-                      overrides: list[str] = ()) -> "TrainConfig | ClassifyConfig":
+                      overrides: list[str] = ()) -> "TrainConfig | ClassifyConfig | SegmentConfig":
     """Read a train config (YAML) and apply `key=value` overrides; errors name the file and key.
 
-    The top-level `task` picks the schema: `mil` (default, TrainConfig) or `classify` (ClassifyConfig).
+    The top-level `task` picks the schema: `mil` (default, TrainConfig), `classify` (ClassifyConfig) or
+    `segment` (SegmentConfig).
     """
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
@@ -281,8 +282,10 @@ def load_train_config(path: str | Path | None,
     task = data.get("task", "mil")
     if task == "classify":
         return build_config(ClassifyConfig, data, where=where)
+    if task == "segment":
+        return build_config(SegmentConfig, data, where=where)
     if task != "mil":
-        raise ConfigError(f"{where}: task: must be 'mil' or 'classify' (got {task!r})")
+        raise ConfigError(f"{where}: task: must be 'mil', 'classify' or 'segment' (got {task!r})")
     return build_config(TrainConfig, data, where=where)
 
 
@@ -459,6 +462,196 @@ class ClassifyConfig(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# wsimamba train, task: segment (image/mask pairs → per-pixel classes; see wsimamba/train/segment.py)
+
+
+class SegAugmentConfig(StrictModel):
+    """Training augmentations, applied to image and mask together (2D: torchvision.transforms.v2 with
+    tv_tensors.Mask; 3D: the same operations on the volume's axes). Evaluation uses whole images."""
+
+    crop: int | list[int] | None = Field(None, description="random crop side (an int, or one per spatial axis); "
+                                         "none: whole images (all images of a batch must then share a size)")
+    flip: bool = Field(True, description="random flips along every spatial axis")
+    rot90: bool = Field(True, description="random multiples of 90° in the (H, W) plane (square crops or images)")
+    color_jitter: float = Field(0.0, ge=0, description="2D RGB only: brightness/contrast/saturation strength "
+                                "(stain variation); hue is jittered by a fifth of it")
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, v):
+        sides = [v] if isinstance(v, int) else (v or [])
+        if any(s < 1 for s in sides):
+            raise ValueError(f"crop sides must be >= 1 (got {v!r})")
+        return v
+
+
+class SegDataConfig(StrictModel):
+    """Image/mask pairs (layouts in wsimamba/data/segmentation.py)."""
+
+    root: Path = Field(description="a folder with images/ and masks/ (and optionally index.csv with a split "
+                       "column, as `wsimamba tiles` writes), or with train/ [val/] [test/] each holding both")
+    images: str = Field("images", description="name of the image folder(s)")
+    masks: str = Field("masks", description="name of the mask folder(s); a mask has its image's file stem")
+    index: Path | None = Field(None, description="CSV with image,split[,mask][,group] columns (default: root/index.csv "
+                               "when it exists); paths relative to root")
+    spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/TIFF/JPEG images; 3: .npy or NIfTI volumes")
+    num_classes: int = Field(2, ge=2, description="mask values are 0..num_classes-1 (binary masks stored as 0/255 "
+                             "are read as 0/1)")
+    classes: list[str] | None = Field(None, description="class names, background first (default: background, "
+                                      "tumor for 2 classes; else class_<i>)")
+    in_channels: int | None = Field(None, ge=1, description="image channels (default: read from the first image)")
+    normalize: Literal["auto", "imagenet", "zscore", "none"] = Field(
+        "auto", description="auto: ImageNet mean/std for 8-bit RGB, per-image z-score otherwise")
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="share of groups (slides) held out for validation "
+                                "when the data has no val split")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="share of groups held out for testing when the "
+                                 "data has no test split")
+    augment: SegAugmentConfig = SegAugmentConfig()
+    workers: int = Field(2, ge=0, description="DataLoader workers reading images")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_text(cls, v):
+        return [str(c) for c in v] if isinstance(v, (list, tuple)) else v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"data.classes names {len(self.classes)} classes but data.num_classes is {self.num_classes}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction must be < 1 (got {self.val_fraction} + "
+                             f"{self.test_fraction})")
+        crop = self.augment.crop
+        if isinstance(crop, list) and len(crop) != self.spatial_dims:
+            raise ValueError(f"data.augment.crop has {len(crop)} sides for spatial_dims {self.spatial_dims}")
+        return self
+
+    def class_names(self) -> list[str]:
+        if self.classes is not None:
+            return list(self.classes)
+        return ["background", "tumor"] if self.num_classes == 2 else [f"class_{i}" for i in range(self.num_classes)]
+
+
+class SegModelConfig(BaseModel):
+    """A network of wsimamba.models.seg; every other key is a constructor keyword."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(description="registered segmenter (wsimamba.models.seg.list_segmenters())")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The network's constructor keywords (in_channels, num_classes, spatial_dims come from data)."""
+        return dict(self.model_extra or {})
+
+    def check(self) -> None:
+        """ValueError naming the key when the name is unknown or a key does not apply to the network."""
+        for key in ("in_channels", "num_classes", "spatial_dims"):
+            if key in self.kwargs():
+                raise ValueError(f"model.{key} is set from the data config (data.{key}); leave it out")
+        from wsimamba.models.seg import list_segmenters, segmenter_kwargs
+
+        known = list_segmenters()
+        if self.name not in known:
+            raise ValueError(f"model.name: unknown segmentation model {self.name!r}; choose one of "
+                             f"{', '.join(sorted(known)) or '(none registered)'}")
+        accepted = segmenter_kwargs(self.name)
+        if "kwargs" in accepted:
+            return
+        for key in self.kwargs():
+            if key not in accepted:
+                raise ValueError(f"model.{key} does not apply to {self.name!r} (it takes: {', '.join(accepted)})")
+
+
+class SegEarlyStoppingConfig(StrictModel):
+    """Stop when the validation metric has not improved for `patience` epochs."""
+
+    enabled: bool = True
+    monitor: Literal["val_dice", "val_loss"] = "val_dice"
+    patience: int = Field(20, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class SegTrainConfig(StrictModel):
+    """Loss (Dice + cross-entropy), optimisation (AdamW, warmup then cosine, per step) and devices."""
+
+    epochs: int = Field(100, ge=1)
+    min_epochs: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, description="images per device and step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warmup)")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not on norms, biases, A_log, D)")
+    dice_weight: float = Field(1.0, ge=0, description="weight of the soft Dice loss (mean over classes)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy loss")
+    dice_include_background: bool = Field(False, description="count the background class in the Dice loss and val_dice")
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1)
+    early_stopping: SegEarlyStoppingConfig = SegEarlyStoppingConfig()
+    seed: int = 0
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU with bf16, else 32-true"
+    )
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    deterministic: bool = False
+
+    def check(self) -> None:
+        if self.min_epochs > self.epochs:
+            raise ValueError(f"train.min_epochs ({self.min_epochs}) is more than train.epochs ({self.epochs})")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be less than train.epochs ({self.epochs})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) is more than train.lr ({self.lr})")
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError("train.dice_weight and train.ce_weight are both 0: nothing to train on")
+
+
+class SegEvalConfig(StrictModel):
+    """What the run writes about the evaluated part (test if the data has one, else val)."""
+
+    overlays: int = Field(8, ge=0, description="overlay PNGs (image, ground-truth contour, prediction) to write")
+    hd95: bool = Field(True, description="compute HD95 per class (distance transforms; slower on big volumes)")
+    spacing: list[float] | None = Field(None, description="pixel/voxel size per spatial axis for HD95 (default 1)")
+
+
+class SegmentConfig(StrictModel):
+    """`wsimamba train` with `task: segment`: one segmentation network trained into `<out>/<name>`."""
+
+    task: Literal["segment"]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (folder under out)")
+    data: SegDataConfig
+    model: SegModelConfig
+    train: SegTrainConfig = SegTrainConfig()
+    eval: SegEvalConfig = SegEvalConfig()
+    out: Path = Field(Path("runs"), description="parent folder of run folders")
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.model.check()
+        self.train.check()
+        if self.eval.spacing is not None and len(self.eval.spacing) != self.data.spatial_dims:
+            raise ValueError(f"eval.spacing has {len(self.eval.spacing)} values for spatial_dims {self.data.spatial_dims}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.name
+
+    def resolved(self) -> "SegmentConfig":
+        """A copy with every path absolute (relative ones are taken from the current folder)."""
+        data = self.model_dump()
+        data["data"]["root"] = Path(data["data"]["root"]).expanduser().resolve()
+        if data["data"]["index"] is not None:
+            data["data"]["index"] = Path(data["data"]["index"]).expanduser().resolve()
+        data["out"] = Path(data["out"]).expanduser().resolve()
+        return SegmentConfig.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 # ---------------------------------------------------------------------------------------------
 # wsimamba quantize

@@ -321,11 +321,17 @@ def train_run(cfg: TrainConfig, overwrite: bool = False, progress_bar: bool = Fa
 
     A ClassifyConfig (`task: classify`) goes to :func:`wsimamba.train.classify.classify_run` instead,
     which returns a ClassifyResult and reports its own events.
+    A SegmentConfig (`task: segment`) goes to :func:`wsimamba.train.segment.segment_run`, which returns
+    a SegmentResult.
     """
     if getattr(cfg, "task", "mil") == "classify":
         from wsimamba.train.classify import classify_run
 
         return classify_run(cfg, overwrite=overwrite, progress_bar=progress_bar, on_event=on_event)
+    if getattr(cfg, "task", "mil") == "segment":
+        from wsimamba.train.segment import segment_run
+
+        return segment_run(cfg, overwrite=overwrite, progress_bar=progress_bar, on_event=on_event)
     cfg = cfg.resolved()
     rank0 = global_rank() == 0
     # every rank of a distributed run executes this function; only rank 0 reports
