@@ -394,20 +394,17 @@ class ClassifyEarlyStoppingConfig(StrictModel):
     min_delta: float = Field(0.0, ge=0)
 
 
-class ClassifyTrainConfig(StrictModel):
-    """Optimisation (AdamW, linear warmup then cosine, per step) and the Trainer's devices."""
+class _EpochTrainConfig(StrictModel):
+    """What the image tasks (classify, segment) share: epochs with linear warmup then cosine (per step)
+    from `lr` to `min_lr`, AdamW, and the Trainer's devices. Subclasses set the defaults of
+    batch_size, lr and weight_decay, and add their own keys."""
 
     epochs: int = Field(100, ge=1)
     min_epochs: int = Field(0, ge=0)
-    batch_size: int = Field(64, ge=1, description="images per device and step")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup)")
     min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine")
     warmup_epochs: float = Field(0, ge=0)
-    weight_decay: float = Field(0.05, ge=0, description="AdamW decay (not on norms, biases, A_log, D)")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
     accumulate: int = Field(1, ge=1)
-    early_stopping: ClassifyEarlyStoppingConfig = ClassifyEarlyStoppingConfig()
     seed: int = 0
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
         "auto", description="auto: bf16-mixed on a GPU with bf16, else 32-true"
@@ -425,6 +422,16 @@ class ClassifyTrainConfig(StrictModel):
             raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be less than train.epochs ({self.epochs})")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) is more than train.lr ({self.lr})")
+
+
+class ClassifyTrainConfig(_EpochTrainConfig):
+    """Optimisation (AdamW, linear warmup then cosine, per step) and the Trainer's devices."""
+
+    batch_size: int = Field(64, ge=1, description="images per device and step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decay (not on norms, biases, A_log, D)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    early_stopping: ClassifyEarlyStoppingConfig = ClassifyEarlyStoppingConfig()
 
 
 class ClassifyConfig(StrictModel):
@@ -573,39 +580,19 @@ class SegEarlyStoppingConfig(StrictModel):
     min_delta: float = Field(0.0, ge=0)
 
 
-class SegTrainConfig(StrictModel):
+class SegTrainConfig(_EpochTrainConfig):
     """Loss (Dice + cross-entropy), optimisation (AdamW, warmup then cosine, per step) and devices."""
 
-    epochs: int = Field(100, ge=1)
-    min_epochs: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1, description="images per device and step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warmup)")
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(0, ge=0)
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not on norms, biases, A_log, D)")
     dice_weight: float = Field(1.0, ge=0, description="weight of the soft Dice loss (mean over classes)")
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy loss")
     dice_include_background: bool = Field(False, description="count the background class in the Dice loss and val_dice")
-    grad_clip: float | None = Field(None, gt=0)
-    accumulate: int = Field(1, ge=1)
     early_stopping: SegEarlyStoppingConfig = SegEarlyStoppingConfig()
-    seed: int = 0
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
-        "auto", description="auto: bf16-mixed on a GPU with bf16, else 32-true"
-    )
-    accelerator: str = "auto"
-    devices: int | str | list[int] = "auto"
-    num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
-    deterministic: bool = False
 
     def check(self) -> None:
-        if self.min_epochs > self.epochs:
-            raise ValueError(f"train.min_epochs ({self.min_epochs}) is more than train.epochs ({self.epochs})")
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be less than train.epochs ({self.epochs})")
-        if self.min_lr > self.lr:
-            raise ValueError(f"train.min_lr ({self.min_lr}) is more than train.lr ({self.lr})")
+        super().check()
         if self.dice_weight == 0 and self.ce_weight == 0:
             raise ValueError("train.dice_weight and train.ce_weight are both 0: nothing to train on")
 
