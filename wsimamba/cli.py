@@ -501,7 +501,7 @@ def segment(
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Tile µm/px (default: the run's tiles.json)."),
     size: Optional[int] = typer.Option(None, "--size", help="Tile side in pixels (default: the run's tiles.json)."),
     min_tissue: float = typer.Option(0.1, "--min-tissue", help="Fraction of a tile that must lie on tissue."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Tiles per forward pass."),
 ):
     """Segment slides tile by tile with a trained segmenter; stitch the predicted mask over the thumbnail."""

@@ -61,13 +61,14 @@ def _default_mask(slide_path: Path) -> Path | None:
 
 @torch.no_grad()
 def segment_slide(run_dir: str | Path, slide_path: str | Path, out_dir: str | Path | None = None,
-                  mask: str | Path | None = None, thumb_size: int = 1024, device: str = "cpu", batch_size: int = 16,
+                  mask: str | Path | None = None, thumb_size: int = 1024, device: str = "auto", batch_size: int = 16,
                   mpp: float | None = None, size: int | None = None, min_tissue: float = 0.1,
                   mpp_override: float | None = None) -> StitchResult:
     """Predict `slide_path` tile by tile with the run's checkpoint and write the stitched mask and overlay
     (module docstring). `mask`: a ground-truth mask PNG (default: ``masks/<slide_id>.png`` beside the
     slides folder, when it exists)."""
     from wsimamba.data.segmentation import normalize, to_float
+    from wsimamba.features.extract import pick_device
     from wsimamba.eval.segmentation import overlay
     from wsimamba.slide.reader import open_slide
     from wsimamba.slide.segtiles import load_slide_mask
@@ -84,6 +85,7 @@ def segment_slide(run_dir: str | Path, slide_path: str | Path, out_dir: str | Pa
                             "give --mpp and --size")
     if cfg["data"].get("spatial_dims", 2) != 2:
         raise WsimambaError(f"{run_dir}: a 3D segmenter cannot segment slides")
+    device = pick_device(device)  # "auto": the GPU when there is one; a bad name is a one-line error
     module = load_segment_module(run_dir / "checkpoint.ckpt").to(device)
     n_classes = int(module.hparams.num_classes)
     norm = cfg["data"].get("normalize", "auto")
