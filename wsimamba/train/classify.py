@@ -349,15 +349,21 @@ class ClassifyResult:
     message: str = ""
 
 
-def _fit(cfg: ClassifyConfig, module: ClassifyModule, splits: ImageSplits, run_dir: Path, progress_bar: bool,
-         resume: Path | None) -> tuple[L.Trainer, object, object]:
+def fit_epochs(t, select_metric: str, module: L.LightningModule, dm: L.LightningDataModule, has_val: bool,
+               n_train: int, run_dir: Path, progress_bar: bool, resume: Path | None) -> tuple[L.Trainer, object, object]:
+    """Train an image task (classify, segment) with Lightning; returns (trainer, best-checkpoint callback, stopper).
+
+    `t`: the task's train config (epochs, early stopping, devices; config._EpochTrainConfig). The best
+    epoch by `val_select` (the module logs `select_metric` there) or by val_loss, as
+    `t.early_stopping.monitor` says, goes to checkpoint.ckpt; last.ckpt holds every epoch for resuming.
+    Without a validation part the last epoch is the result. `resume`: a last.ckpt to continue from (the
+    CSV log's earlier rows are kept).
+    """
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    t = cfg.train
-    has_val = bool(splits["val"])
     es = t.early_stopping
-    monitor, mode = ("val_select", "max") if es.monitor == "val_top1" else ("val_loss", "min")
+    monitor, mode = ("val_select", "max") if es.monitor == select_metric else ("val_loss", "min")
     callbacks: list = [LearningRateMonitor(logging_interval="epoch")]
     stopper = None
     if has_val:
@@ -377,8 +383,7 @@ def _fit(cfg: ClassifyConfig, module: ClassifyModule, splits: ImageSplits, run_d
         callbacks.append(last)
     if progress_bar:
         callbacks.append(RichProgressBar(leave=False))
-    dm = ImageDataModule(splits, cfg)
-    steps = max(1, len(splits["train"]) // t.batch_size)
+    steps = max(1, n_train // t.batch_size)
     trainer = L.Trainer(
         max_epochs=t.epochs, min_epochs=t.min_epochs, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator),
@@ -479,7 +484,8 @@ def classify_run(cfg: ClassifyConfig, overwrite: bool = False, progress_bar: boo
     t0 = time.perf_counter()
     try:
         with _quiet_lightning():
-            trainer, ckpt, stopper = _fit(cfg, module, splits, run_dir, progress_bar, resume)
+            trainer, ckpt, stopper = fit_epochs(cfg.train, "val_top1", module, ImageDataModule(splits, cfg),
+                                                bool(splits["val"]), len(splits["train"]), run_dir, progress_bar, resume)
     except NonFiniteLossError as e:
         msg = f"training stopped: {e}"
         if rank0:

@@ -32,16 +32,13 @@ import io
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 
 from wsimamba.atomic import write_text_atomic
@@ -49,7 +46,7 @@ from wsimamba.config import SegmentConfig
 from wsimamba.data.segmentation import (SegmentationDataset, SegSplits, file_stem, find_pairs, load_splits_csv,
                                         splits_csv, train_transform)
 from wsimamba.errors import ConfigError, WsimambaError
-from wsimamba.train.classify import _prepend_log, _read_csv, no_decay_parameter, warmup_cosine
+from wsimamba.train.classify import fit_epochs, no_decay_parameter, warmup_cosine
 from wsimamba.train.module import NonFiniteLossError
 from wsimamba.train.run import _end_distributed, _prepare_run_dir, _quiet_lightning, global_rank, resolve_precision
 
@@ -316,54 +313,6 @@ class SegmentResult:
     message: str = ""
 
 
-def _fit(cfg: SegmentConfig, module: SegmentModule, dm: SegDataModule, run_dir: Path, progress_bar: bool,
-         resume: Path | None):
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
-
-    t = cfg.train
-    has_val = bool(dm.splits["val"])
-    es = t.early_stopping
-    monitor, mode = ("val_select", "max") if es.monitor == "val_dice" else ("val_loss", "min")
-    callbacks: list = [LearningRateMonitor(logging_interval="epoch")]
-    stopper = None
-    if has_val:
-        ckpt = ModelCheckpoint(dirpath=run_dir, filename="checkpoint", monitor=monitor, mode=mode, save_top_k=1,
-                               enable_version_counter=False, auto_insert_metric_name=False)
-        if es.enabled:
-            stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es.patience, min_delta=es.min_delta,
-                                    check_finite=True)
-            callbacks.append(stopper)
-    # every epoch, after `ckpt` so that it holds that callback's updated best score
-    last = ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False)
-    if has_val:
-        callbacks += [ckpt, last]
-    else:  # nothing to choose an epoch with: the last one is the result (two unmonitored checkpoints would clash)
-        ckpt = last
-        callbacks.append(last)
-    if progress_bar:
-        callbacks.append(RichProgressBar(leave=False))
-    steps = max(1, len(dm.splits["train"]) // t.batch_size)
-    trainer = L.Trainer(
-        max_epochs=t.epochs, min_epochs=t.min_epochs, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator),
-        deterministic=t.deterministic, logger=CSVLogger(run_dir, name="logs", version=""), callbacks=callbacks,
-        enable_progress_bar=progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=1.0 if has_val else 0, log_every_n_steps=max(1, min(50, steps)),
-        gradient_clip_val=t.grad_clip, accumulate_grad_batches=t.accumulate, default_root_dir=run_dir,
-    )
-    log_csv = run_dir / "logs" / "metrics.csv"
-    earlier = _read_csv(log_csv) if resume is not None else []
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
-            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
-    finally:
-        if earlier and trainer.global_rank == 0:
-            _prepend_log(log_csv, earlier)
-    return trainer, ckpt, stopper
-
-
 def segment_run(cfg: SegmentConfig, overwrite: bool = False, progress_bar: bool = False,
                 on_event: Callable[[str, dict], None] | None = None) -> SegmentResult:
     """Train (or resume, or skip) the segmenter of `cfg`; write the run folder (module docstring).
@@ -417,7 +366,8 @@ def segment_run(cfg: SegmentConfig, overwrite: bool = False, progress_bar: bool 
     t0 = time.perf_counter()
     try:
         with _quiet_lightning():
-            trainer, ckpt, stopper = _fit(cfg, module, dm, run_dir, progress_bar, resume)
+            trainer, ckpt, stopper = fit_epochs(cfg.train, "val_dice", module, dm, bool(dm.splits["val"]),
+                                                len(dm.splits["train"]), run_dir, progress_bar, resume)
     except NonFiniteLossError as e:
         msg = f"training stopped: {e}"
         if rank0:
