@@ -87,6 +87,25 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_warmup_cosine(module: L.LightningModule) -> dict:
+    """AdamW (no decay on norms, biases, Mamba's A_log / D or the model's `no_weight_decay()`), linear
+    warmup over `hparams.warmup_epochs` then cosine to `hparams.min_lr`, stepped per batch: the
+    optimiser of the image tasks. `module.model` is the network; hparams hold lr, min_lr, weight_decay."""
+    hp, model = module.hparams, module.model
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_decay_parameter(name, p, skip) else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    warmup = int(round(total * hp.warmup_epochs / max(1, module.trainer.max_epochs)))
+    min_ratio = hp.min_lr / hp.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class ClassifyModule(L.LightningModule):
     """Holds the classifier and the loss (cross-entropy with label smoothing; soft targets under
     MixUp / CutMix). Batches are dicts from :class:`wsimamba.data.images.ImageDataset`: ``image``
@@ -143,19 +162,7 @@ class ClassifyModule(L.LightningModule):
             self.log("val_select", top1 - 1e-4 * loss.to(top1), sync_dist=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        skip = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if no_decay_parameter(name, p, skip) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(total * hp.warmup_epochs / max(1, self.trainer.max_epochs)))
-        min_ratio = hp.min_lr / hp.lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self)
 
 
 def _batch_mixer(n_classes: int, mixup: float, cutmix: float):

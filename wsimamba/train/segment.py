@@ -46,7 +46,7 @@ from wsimamba.config import SegmentConfig
 from wsimamba.data.segmentation import (SegmentationDataset, SegSplits, file_stem, find_pairs, load_splits_csv,
                                         splits_csv, train_transform)
 from wsimamba.errors import ConfigError, WsimambaError
-from wsimamba.train.classify import fit_epochs, no_decay_parameter, warmup_cosine
+from wsimamba.train.classify import adamw_warmup_cosine, fit_epochs
 from wsimamba.train.module import NonFiniteLossError
 from wsimamba.train.run import _end_distributed, _prepare_run_dir, _quiet_lightning, global_rank, resolve_precision
 
@@ -149,19 +149,7 @@ class SegmentModule(L.LightningModule):
             self.log("val_select", dice - 1e-4 * loss.to(dice), sync_dist=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        skip = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if no_decay_parameter(name, p, skip) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(total * hp.warmup_epochs / max(1, self.trainer.max_epochs)))
-        min_ratio = hp.min_lr / hp.lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, min_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self)
 
 
 def load_segment_module(checkpoint: str | Path, map_location: str = "cpu") -> SegmentModule:
