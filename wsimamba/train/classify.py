@@ -411,6 +411,29 @@ def fit_epochs(t, select_metric: str, module: L.LightningModule, dm: L.Lightning
     return trainer, ckpt, stopper
 
 
+def load_best(module: L.LightningModule, ckpt, run_dir: Path) -> tuple[Path, dict]:
+    """Load the best epoch that `fit_epochs` kept into `module`; returns its file and checkpoint dict."""
+    best = Path(ckpt.best_model_path) if ckpt.best_model_path else None
+    if best is None or not best.is_file():
+        raise WsimambaError(f"no checkpoint was written in {run_dir}")
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    return best, state
+
+
+def fit_facts(trainer: L.Trainer, ckpt, stopper, state: dict, resume: Path | None, seconds: float) -> dict:
+    """What metrics.json says about the training of an image task: epochs, the best one, early stop, resume."""
+    return {
+        "epochs": trainer.current_epoch,
+        "best_epoch": int(state.get("epoch", trainer.current_epoch)),
+        "stopped_early": bool(stopper is not None and stopper.stopped_epoch > 0),
+        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "monitor": ckpt.monitor,
+        "resumed": resume is not None,
+        "seconds": round(seconds, 2),
+    }
+
+
 def _read_csv(path: Path) -> list[dict]:
     import csv
 
@@ -504,11 +527,7 @@ def classify_run(cfg: ClassifyConfig, overwrite: bool = False, progress_bar: boo
     if trainer.global_rank != 0:
         _end_distributed()
         return ClassifyResult(run_dir, "trained")
-    best = Path(ckpt.best_model_path) if ckpt.best_model_path else None
-    if best is None or not best.is_file():
-        raise WsimambaError(f"no checkpoint was written in {run_dir}")
-    state = torch.load(best, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    best, state = load_best(module, ckpt, run_dir)
     precision = trainer.precision
     loader = ImageDataModule(splits, cfg).loader(eval_part)
     probs = predict_images(module, loader, trainer.strategy.root_device, precision)
@@ -527,13 +546,7 @@ def classify_run(cfg: ClassifyConfig, overwrite: bool = False, progress_bar: boo
         "classes": len(splits.classes),
         "evaluated_on": eval_part,
         "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
-        "epochs": trainer.current_epoch,
-        "best_epoch": int(state.get("epoch", trainer.current_epoch)),
-        "stopped_early": bool(stopper is not None and stopper.stopped_epoch > 0),
-        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
-        "monitor": ckpt.monitor,
-        "resumed": resume is not None,
-        "seconds": round(seconds, 2),
+        **fit_facts(trainer, ckpt, stopper, state, resume, seconds),
         "precision": precision,
         "image_size": cfg.data.image_size,
         "eval": classification_metrics(y, probs),

@@ -46,7 +46,7 @@ from wsimamba.config import SegmentConfig
 from wsimamba.data.segmentation import (SegmentationDataset, SegSplits, file_stem, find_pairs, load_splits_csv,
                                         splits_csv, train_transform)
 from wsimamba.errors import ConfigError, WsimambaError
-from wsimamba.train.classify import adamw_warmup_cosine, fit_epochs
+from wsimamba.train.classify import adamw_warmup_cosine, fit_epochs, fit_facts, load_best
 from wsimamba.train.module import NonFiniteLossError
 from wsimamba.train.run import _end_distributed, _prepare_run_dir, _quiet_lightning, global_rank, resolve_precision
 
@@ -367,11 +367,7 @@ def segment_run(cfg: SegmentConfig, overwrite: bool = False, progress_bar: bool 
     if trainer.global_rank != 0:
         _end_distributed()
         return SegmentResult(run_dir, "trained")
-    best = Path(ckpt.best_model_path) if ckpt.best_model_path else None
-    if best is None or not best.is_file():
-        raise WsimambaError(f"no checkpoint was written in {run_dir}")
-    state = torch.load(best, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
+    best, state = load_best(module, ckpt, run_dir)
     shutil.rmtree(run_dir / "overlays", ignore_errors=True)
     t1 = time.perf_counter()
     result = evaluate(module, cfg, dm, eval_part, run_dir, trainer.strategy.root_device, trainer.precision, classes)
@@ -387,13 +383,7 @@ def segment_run(cfg: SegmentConfig, overwrite: bool = False, progress_bar: bool 
         "in_channels": channels,
         "evaluated_on": eval_part,
         "n_train": len(splits["train"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
-        "epochs": trainer.current_epoch,
-        "best_epoch": int(state.get("epoch", trainer.current_epoch)),
-        "stopped_early": bool(stopper is not None and stopper.stopped_epoch > 0),
-        "best_val": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
-        "monitor": ckpt.monitor,
-        "resumed": resume is not None,
-        "seconds": round(seconds, 2),
+        **fit_facts(trainer, ckpt, stopper, state, resume, seconds),
         "eval_seconds": round(time.perf_counter() - t1, 2),
         "precision": trainer.precision,
         "tiles": json.loads(tiles.read_text()) if tiles.is_file() else None,
