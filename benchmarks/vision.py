@@ -21,12 +21,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from _device import device_name  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, forward_and_train_seconds  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,44 +46,13 @@ def _build(name: str, size: int, backend: str):
     return create_backbone(name, **kw)
 
 
-def _time(fn, repeats: int, cuda: bool) -> list[float]:
-    fn()  # warm-up: allocator, Triton compilation, oneDNN primitives
-    seconds = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
-    return seconds
-
-
 def measure(name: str, backend: str, args, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = _build(name, args.size, backend).to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def forward():
-        with torch.inference_mode(), autocast:
-            model(x)
-
-    def train_step():
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.eval()
-    fwd = _time(forward, args.repeats, cuda)
-    model.train()
-    train = _time(train_step, args.repeats, cuda)
+    fwd, train = forward_and_train_seconds(model, x, y, args.repeats, device)
     out = {
         "backend": backend if name != BASELINE else None,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -95,7 +63,7 @@ def measure(name: str, backend: str, args, device: torch.device) -> dict:
     if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    del model, opt
+    del model
     return out
 
 
