@@ -113,7 +113,12 @@ def main() -> None:
     ap.add_argument("--no-shapes", action="store_true", help="skip the shape table (sweep only)")
     ap.add_argument("--sweep-shape", default="1,1024,16,131072", help="batch,dim,state,length for --sweep")
     ap.add_argument("--cfgs", default='[{"fwd": {"BLOCK_D": 2, "T": 64}, "bwd": {"BLOCK_D": 8}}]',
-                    help="JSON list of {fwd: tiles, bwd: tiles} to try with --sweep")
+                    help="JSON list of {fwd: tiles, bwd: tiles, seq: tiles, forward: seq|scan, warps_per_sm: n} "
+                         "to try with --sweep")
+    ap.add_argument("--shapes", default=None, help="batch,dim,state,length[;...] instead of the issue's four shapes")
+    ap.add_argument("--sweep-forward-only", action="store_true", help="--sweep: time the forward passes only")
+    ap.add_argument("--forwards", default="seq,scan",
+                    help="forward kernels to time in the shape table (both in one process): seq, scan")
     args = ap.parse_args()
 
     from wsimamba.kernels import selective_scan as ks
@@ -137,28 +142,36 @@ def main() -> None:
     def triton_fn(**kw):
         return ks.selective_scan(**kw)
 
-    shapes = [] if args.no_shapes else SHAPES[:1] if args.quick else SHAPES
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in part.split(",")) for part in args.shapes.split(";")]
+    if args.no_shapes:
+        shapes = []
+    forwards = args.forwards.split(",")
     rows = []
     for batch, dim, state, length in shapes:
         a = make(batch, dim, state, length)
         elems = batch * dim * length
         item = a["u"].element_size()
-        for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window),
-                                         ("bidir", "bidirectional", None)):
-            for backward in (False, True):
-                t0 = time.perf_counter()
-                ms = time_direction(triton_fn, a, direction, window, backward)
-                passes = 2 if direction == "bidirectional" else 1
-                floor_b = passes * bytes_floor(batch, dim, state, length, item, backward) / bw * 1e3
-                floor_e = passes * (1 if not backward else 1) * state * elems / er * 1e3
-                rec = dict(kind="triton", device=dev, date=today, shape=f"B{batch} D{dim} N{state} L{length}",
-                           op=label, pass_="bwd" if backward else "fwd", ms=round(ms, 4),
-                           gelem_s=round(elems / (ms * 1e-3) / 1e9, 2),
-                           bytes_floor_ms=round(floor_b, 4), exp_floor_ms=round(floor_e, 4),
-                           x_bytes_floor=round(ms / floor_b, 2), x_exp_floor=round(ms / floor_e, 2),
-                           wall_s=round(time.perf_counter() - t0, 1))
-                rows.append(rec)
-                print(json.dumps(rec), flush=True)
+        for impl, (label, direction, window), backward in (
+                (i, o, bw) for o in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window),
+                                     ("bidir", "bidirectional", None)) for bw in (False, True) for i in forwards):
+            ks.FORWARD = impl
+            t0 = time.perf_counter()
+            ms = time_direction(triton_fn, a, direction, window, backward)
+            passes = 2 if direction == "bidirectional" else 1
+            floor_b = passes * bytes_floor(batch, dim, state, length, item, backward) / bw * 1e3
+            floor_e = passes * (1 if not backward else 1) * state * elems / er * 1e3
+            rec = dict(kind="triton", device=dev, date=today, shape=f"B{batch} D{dim} N{state} L{length}",
+                       op=label if len(forwards) == 1 else f"{label}[{impl}]", forward=impl,
+                       pass_="bwd" if backward else "fwd", ms=round(ms, 4),
+                       gelem_s=round(elems / (ms * 1e-3) / 1e9, 2),
+                       bytes_floor_ms=round(floor_b, 4), exp_floor_ms=round(floor_e, 4),
+                       x_bytes_floor=round(ms / floor_b, 2), x_exp_floor=round(ms / floor_e, 2),
+                       wall_s=round(time.perf_counter() - t0, 1))
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+        ks.FORWARD = "auto"
         if length <= 8192:
             ref_args = {k: v for k, v in a.items()}
             for backward in (False, True):
@@ -184,8 +197,10 @@ def main() -> None:
         batch, dim, state, length = (int(v) for v in args.sweep_shape.split(","))
         a = make(batch, dim, state, length)
         for item in json.loads(args.cfgs):
-            ks.TILE_OVERRIDE = {k: item[k] for k in ("fwd", "bwd") if k in item}
-            for backward in (False, True):
+            ks.TILE_OVERRIDE = {k: item[k] for k in ("fwd", "bwd", "seq") if k in item}
+            ks.FORWARD = item.get("forward", "auto")
+            ks.SEQ_WARPS_PER_SM = item.get("warps_per_sm", 16)
+            for backward in (False,) if args.sweep_forward_only else (False, True):
                 for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
                     t0 = time.perf_counter()
                     try:
@@ -199,14 +214,16 @@ def main() -> None:
                     print(json.dumps(rec), flush=True)
                     rows.append(rec)
         ks.TILE_OVERRIDE = None
+        ks.FORWARD = "auto"
+        ks.SEQ_WARPS_PER_SM = 16
 
-    print("\nshape                    op     pass     ms   Gelem/s  x bytes-floor  x exp-floor")
+    print("\nshape                    op          pass     ms   Gelem/s  x bytes-floor  x exp-floor")
     for r in rows:
         if r["kind"] == "triton":
-            print(f"{r['shape']:<24} {r['op']:<6} {r['pass_']:<4} {r['ms']:8.3f} {r['gelem_s']:8.1f} "
+            print(f"{r['shape']:<24} {r['op']:<11} {r['pass_']:<4} {r['ms']:8.3f} {r['gelem_s']:8.1f} "
                   f"{r['x_bytes_floor']:10.2f} {r['x_exp_floor']:10.2f}")
         elif r["kind"] in ("reference", "mamba_ssm"):
-            print(f"{r['shape']:<24} {r['op']:<6} {r['pass_']:<4} {r['ms']:8.3f}  ({r['kind']})")
+            print(f"{r['shape']:<24} {r['op']:<11} {r['pass_']:<4} {r['ms']:8.3f}  ({r['kind']})")
     if args.json:
         with open(args.json, "w") as f:
             for r in records + rows:

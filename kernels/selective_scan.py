@@ -10,8 +10,12 @@ calls `selective_scan` below with validated arguments. Shapes (mamba-ssm layout)
 
 How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
 
-- One program owns a tile of BLOCK_D channels of one batch element and walks the length in chunks
-  of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
+- The forward that runs by default (`FORWARD = "auto"`, state ≤ 64 and LB windows ≤ 16) is the
+  sequential one further down: each thread walks the length position by position for its channel
+  and states. The scan-based forward below is the fallback for larger states and windows, and its
+  chunked layout of saved states is what the backward reads (the sequential forward writes the same).
+- Scan-based forward and the backward: one program owns a tile of BLOCK_D channels of one batch
+  element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
   h_t = a_t h_{t-1} + b_t is an associative scan along T. Nothing of size (batch, dim, length,
   state) touches memory; B_n and C_n are read once per tile of channels.
@@ -34,6 +38,13 @@ import triton.language as tl
 DIRECTIONS = ("forward", "reverse", "bidirectional", "local_bidirectional")
 MAX_STATE = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# exp(x) = exp2(x · log2 e): scaling A once per state saves a multiply per element-state
+LOG2E = tl.constexpr(1.4426950408889634)
+# A segment summary stops walking back once every decay product is below 2^-64 (see the sequential
+# forward's notes). Not 0: the smallest subnormal times a factor above 1/2 rounds back to itself.
+SUMMARY_CUTOFF = tl.constexpr(5.421010862427522e-20)
 
 
 class TritonScanError(ValueError):
@@ -147,7 +158,7 @@ def _fwd_segment_kernel(
         for n in tl.static_range(N):
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
             Bn = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            x_c = tl.sum(dtu * Bn[None, :] * tl.exp(An[:, None] * rest), axis=1)
+            x_c = tl.sum(dtu * Bn[None, :] * tl.exp2((An * LOG2E)[:, None] * rest), axis=1)
             p_c = tl.exp(An * total)
             sel = n_idx[None, :] == n
             X = tl.where(sel, p_c[:, None] * X + x_c[:, None], X)
@@ -206,7 +217,7 @@ def _fwd_kernel(
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
             Bn = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            a = tl.exp(dt * An[:, None])
+            a = tl.exp2(dt * (An * LOG2E)[:, None])
             bx = dtu * Bn[None, :]
             pa, px = tl.associative_scan((a, bx), 1, _affine_combine)
             h = pa * _column(hc, n_idx, n)[:, None] + px
@@ -279,7 +290,7 @@ def _bwd_segment_kernel(
         for n in tl.static_range(N):
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
             Cn = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            x_c = tl.sum(dy * Cn[None, :] * tl.exp(An[:, None] * since), axis=1)
+            x_c = tl.sum(dy * Cn[None, :] * tl.exp2((An * LOG2E)[:, None] * since), axis=1)
             f_c = tl.exp(An * dt0)
             k_c = f_c * tl.exp(An * total)
             sel = n_idx[None, :] == n
@@ -364,7 +375,7 @@ def _bwd_kernel(
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0)
             Bn = tl.load(B_ptr + b * s_Bb + g * s_Bg + n * s_Bn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_ptr + b * s_Cb + g * s_Cg + n * s_Cn + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            a = tl.exp(dt * An[:, None])
+            a = tl.exp2(dt * (An * LOG2E)[:, None])
             bx = dtu * Bn[None, :]
             pa, px = tl.associative_scan((a, bx), 1, _affine_combine)
             h = pa * _column(hc, n_idx, n)[:, None] + px
@@ -417,6 +428,197 @@ def _bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward, sequential in time (the default where it fits: state ≤ 64, LB windows ≤ 16)
+#
+# Every thread owns one channel and several states and walks the length one position at a time:
+# h = a h + b is one FMA per element-state, the exponential one MUFU op, and y = C·h is summed
+# within the thread, so there are no scans and almost no shuffles. The program loads u and Δ for a
+# block of TB positions as one (BLOCK_D, TB) tile, which Triton lays out with each thread holding its
+# channel's row (16-byte vectors), so picking position t out of it is a register move. B and C are
+# read one position at a time as a row of `state` values from transposed copies (batch, groups,
+# length, state), the same row for every channel of the tile.
+#
+# Local bidirectionality: a block is one window. The walk forward keeps each position's a (a tuple
+# of tiles, so registers, not memory), then a walk back over the window gives r_t = a_t (r_{t+1} +
+# b_{t+1}) = g_t − b_t (r = 0 at the window's end), and y_t += C_t·r_t. No exponential is recomputed.
+#
+# Segments: a bag of one long sequence still needs thousands of warps, so the length is cut into
+# segments. A segment's effect on the state is h_end = P·h_start + X. The summary kernel walks each
+# segment backward from its end with Q = Π a over the positions after t (X += Q b_t, then Q ·= a_t)
+# and stops once Q < 2^-64 for every channel and state of its tile (then P = Q, and P·h_start is
+# as negligible). Anything earlier would enter X at under 2^-64 times its size: below fp32's
+# rounding of X (2^-24 relative) unless the earlier inputs are over 2^40 times the recent ones.
+# With realistic decays the walk is a few hundred positions, not the whole segment; a state that
+# barely decays makes it walk the whole segment, which is still exact. (Waiting for Q = 0 exactly
+# does not work: the smallest subnormal times a decay above 1/2 rounds back to itself.)
+
+
+@triton.jit
+def _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, s_ub, s_ud, s_tb, s_td,
+                      STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    pos = pos0 + t_idx
+    mask_t = (t_idx < STEP) & (pos < end)
+    mask = mask_d[:, None] & mask_t[None, :]
+    row = offs_d[:, None]
+    u = tl.load(u_ptr + b * s_ub + row * s_ud + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+    dt = _load_dt(dt_ptr, b * s_tb + row * s_td + pos[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
+    return u, dt, mask
+
+
+@triton.jit
+def _pick(tile, t_idx, t: tl.constexpr):
+    # column t of a tile whose positions lie in one thread: LLVM folds this to a register read
+    return tl.sum(tl.where(t_idx[None, :] == t, tile, -0.0), axis=1)
+
+
+@triton.jit
+def _fwd_seq_summary_kernel(
+    u_ptr, dt_ptr, A_ptr, Bt_ptr, bias_ptr, sx_ptr, sp_ptr,
+    L, DIM, DPG, SEG_LEN, n_seg,
+    s_ub, s_ud, s_tb, s_td, s_Bb, s_Bg, s_Ad, s_An,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    g = d0 // DPG
+    t_idx = tl.arange(0, TB)
+    n_idx = tl.arange(0, N)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    A2 = tl.load(A_ptr + offs_d[:, None] * s_Ad + n_idx[None, :] * s_An, mask=mask_d[:, None], other=0.0) * LOG2E
+    start = seg * SEG_LEN
+    end = tl.minimum(start + SEG_LEN, L)
+    X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    Q = tl.where(mask_d[:, None], 1.0, 0.0) + X  # channels past DIM start at zero: they never hold the loop
+    i = (end - start + STEP - 1) // STEP - 1
+    go = i >= 0
+    while go:
+        pos0 = start + i * STEP
+        u, dt, mask = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, s_ub, s_ud, s_tb, s_td,
+                                        STEP, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        row_b = Bt_ptr + b * s_Bb + g * s_Bg + pos0.to(tl.int64) * N + n_idx
+        for k in tl.static_range(STEP):
+            Bt = tl.load(row_b + (STEP - 1 - k) * N).to(tl.float32)
+            X += Q * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
+            Q = Q * tl.exp2(_pick(dt, t_idx, STEP - 1 - k)[:, None] * A2)
+        i -= 1
+        go = (i >= 0) & (tl.max(tl.max(Q, axis=1), axis=0) >= SUMMARY_CUTOFF)
+    off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
+    tl.store(sx_ptr + off, X, mask=mask_d[:, None])
+    tl.store(sp_ptr + off, Q, mask=mask_d[:, None])
+
+
+@triton.jit
+def _fwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr, sx_ptr, sp_ptr,
+    L, DIM, DPG, SEG_LEN, n_seg,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_ob, s_od,
+    s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
+    s_hb, s_hd, s_hn,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    g = d0 // DPG
+    t_idx = tl.arange(0, TB)
+    n_idx = tl.arange(0, N)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2 = tl.load(A_ptr + offs_d[:, None] * s_Ad + n_idx[None, :] * s_An, mask=mask_d[:, None], other=0.0) * LOG2E
+    # the state entering this segment: fold the summaries of the segments before it
+    h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
+    for s2 in range(0, seg):
+        xs = tl.load(sx_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        ps = tl.load(sp_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        h = ps * h + xs
+    start = seg * SEG_LEN
+    end = tl.minimum(start + SEG_LEN, L)
+    base_bt = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
+    base_ct = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
+    # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
+    # Δ = u = 0, so b = 0 and a = 1 there whatever B holds, and those outputs are not stored
+    n_blocks = (end - start + STEP - 1) // STEP
+    if PREFETCH:
+        u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, start, t_idx, offs_d, mask_d, end, b, s_ub, s_ud,
+                                                       s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
+    for blk in range(0, n_blocks):
+        pos0 = start + blk * STEP
+        if PREFETCH:
+            # this block's inputs were loaded one block ago; ask for the next block's now
+            u, dt, mask = u_next, dt_next, mask_next
+            u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0 + STEP, t_idx, offs_d, mask_d, end, b,
+                                                           s_ub, s_ud, s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
+        else:
+            u, dt, mask = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, s_ub, s_ud, s_tb, s_td,
+                                            STEP, HAS_BIAS, SOFTPLUS)
+        if SAVE_STATES:
+            # the state entering every chunk of STEP·SAVE_EVERY positions (the scan backward's chunks)
+            if (pos0 // STEP) % SAVE_EVERY == 0:
+                c = pos0 // (STEP * SAVE_EVERY)
+                tl.store(hs_ptr + b * s_hb + offs_d[:, None] * s_hd + n_idx[None, :] * s_hn + c, h, mask=mask_d[:, None])
+        dtu = dt * u
+        if HAS_D:
+            y = Dv[:, None] * u
+        else:
+            y = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
+        kept = ()
+        row_b = base_bt + pos0.to(tl.int64) * N
+        row_c = base_ct + pos0.to(tl.int64) * N
+        if PREFETCH_BC:
+            Bt_next = tl.load(row_b)
+            Ct_next = tl.load(row_c)
+        for t in tl.static_range(STEP):
+            if PREFETCH_BC:
+                # B and C of position t were asked for one position ago: their latency hides behind this one
+                Bt = Bt_next.to(tl.float32)
+                Ct = Ct_next.to(tl.float32)
+                if t + 1 < STEP:
+                    Bt_next = tl.load(row_b + (t + 1) * N)
+                    Ct_next = tl.load(row_c + (t + 1) * N)
+            else:
+                Bt = tl.load(row_b + t * N).to(tl.float32)
+                Ct = tl.load(row_c + t * N).to(tl.float32)
+            a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
+            h = a * h + _pick(dtu, t_idx, t)[:, None] * Bt[None, :]
+            y = tl.where(t_idx[None, :] == t, y + tl.sum(h * Ct[None, :], axis=1)[:, None], y)
+            if WINDOW > 0:
+                kept = kept + (a,)
+        if WINDOW > 0:
+            # the window's backward half: r_t = a_t (r_{t+1} + b_{t+1}) = g_t - b_t, r at the window end = 0
+            r = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+            for k in tl.static_range(STEP - 1):
+                # position t = STEP - 2 - k of the window
+                B1 = tl.load(row_b + (STEP - 1 - k) * N).to(tl.float32)
+                Ct = tl.load(row_c + (STEP - 2 - k) * N).to(tl.float32)
+                r = kept[STEP - 2 - k] * (r + _pick(dtu, t_idx, STEP - 1 - k)[:, None] * B1[None, :])
+                y = tl.where(t_idx[None, :] == STEP - 2 - k, y + tl.sum(r * Ct[None, :], axis=1)[:, None], y)
+        row = offs_d[:, None]
+        pos = pos0 + t_idx
+        if HAS_Z:
+            z = tl.load(z_ptr + b * s_zb + row * s_zd + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + b * s_ob + row * s_od + pos[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SAVE_LAST:
+        if seg == n_seg - 1:
+            lp = last_ptr + b * DIM * N + offs_d[:, None] * N + n_idx[None, :]
+            tl.store(lp, h, mask=mask_d[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch configuration
 
 
@@ -450,23 +652,33 @@ def _config(dim: int, groups: int, state: int, window: int | None, backward: boo
     return dict(BLOCK_D=block_d, T=T, STEP=step, num_warps=num_warps, CPS=cps)
 
 
-def _segments(n_chunks: int, programs: int, num_warps: int, device: torch.device, cps: int | None) -> tuple[int, int]:
+def _segments(n_chunks: int, programs: int, num_warps: int, device: torch.device, cps: int | None,
+              warps_per_sm: int = 48) -> tuple[int, int]:
     """(chunks per segment, segments): enough programs to fill the GPU even for one long sequence."""
     if cps is None:
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
         else:
             sms = 4
-        want_warps = 48 * sms
+        want_warps = warps_per_sm * sms
         n_seg = max(1, min(n_chunks, -(-want_warps // max(1, programs * num_warps))))
         cps = max(1, -(-n_chunks // n_seg))
     cps = max(1, int(cps))
     return cps, -(-n_chunks // cps)
 
 
+# Which forward runs: "auto" (sequential where `_seq_fits`, else scan), "seq" or "scan" (tests, benchmarks).
+FORWARD = "auto"
+SEQ_MAX_STATE = 64
+SEQ_MAX_WINDOW = 16
+# Warps the sequential forward asks per SM before it splits the length into more segments.
+SEQ_WARPS_PER_SM = 16
+
 # Tests set this to fill outputs with NaN before each launch, so unwritten elements show.
 POISON_OUTPUTS = False
-# Tests and tuning set this ({"fwd": {...}, "bwd": {...}}, keys BLOCK_D, T, num_warps, CPS) to force tiles.
+# Tests and tuning set this ({"fwd": {...}, "bwd": {...}, "seq": {...}}) to force tiles: fwd/bwd (scan
+# kernels) keys BLOCK_D, T, num_warps, CPS; seq (sequential forward) keys BLOCK_D, TB, num_warps, SEG
+# (scan chunks per segment).
 TILE_OVERRIDE: dict | None = None
 
 
@@ -529,7 +741,107 @@ def _pad_state(A, B4, C4, Np):
 
 
 def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
-    """Launch the forward kernels. Returns out, saved chunk states (or None), last state (or None), config."""
+    """The forward: sequential kernels where they fit (`FORWARD`), else the scan kernels.
+
+    Returns out, saved chunk states (or None), last state (or None), and the scan kernels' config,
+    whose chunks index the saved states for the backward.
+    """
+    N = A.shape[1]
+    Np = triton.next_power_of_2(N)
+    use_seq = FORWARD == "seq" or (FORWARD == "auto" and _seq_fits(Np, window))
+    if use_seq:
+        return _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
+                        cfg=cfg, seq_override=(TILE_OVERRIDE or {}).get("seq"))
+    return _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=cfg)
+
+
+def _seq_fits(Np: int, window: int | None) -> bool:
+    """Where the sequential forward fits: a thread keeps its states (and for LB a window's decays) in registers."""
+    if window:
+        return window <= SEQ_MAX_WINDOW and Np * triton.next_power_of_2(window) <= 256
+    return Np <= SEQ_MAX_STATE
+
+
+def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override: dict | None) -> dict:
+    """Block of TB positions (STEP of them live): one window for LB; BLOCK_D channels for one warp."""
+    if window:
+        step, tb = window, triton.next_power_of_2(window)
+    else:
+        tb = (override or {}).get("TB", 16)
+        step = tb
+    if chunk % step:
+        raise TritonScanError(f"internal: scan chunk {chunk} is not a multiple of the sequential block {step}")
+    num_warps = (override or {}).get("num_warps", 1)
+    # 16-byte rows of u and Δ per thread: 8 positions of bf16/fp16 per lane, so TB/8 lanes share a channel
+    block_d = (override or {}).get("BLOCK_D", 32 * num_warps * 8 // max(8, tb))
+    dpg = dim // groups
+    if groups > 1:
+        while block_d > 1 and dpg % block_d:
+            block_d //= 2
+    else:
+        block_d = min(block_d, triton.next_power_of_2(dim))
+    return dict(BLOCK_D=block_d, TB=tb, STEP=step, SAVE_EVERY=chunk // step, num_warps=num_warps,
+                SEG=(override or {}).get("SEG"),
+                # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): both prefetches pay for LB,
+                # the u/Δ one costs the plain forward registers and time
+                PREFETCH=bool((override or {}).get("PREFETCH", bool(window))),
+                PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", True)))
+
+
+def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None):
+    batch, dim, L = u.shape
+    groups, N = B4.shape[1], A.shape[1]
+    if dim % groups:
+        raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
+    scan_cfg = _config(dim, groups, N, window, backward=False, override=cfg)
+    chunk = scan_cfg["STEP"]
+    sc = _seq_config(dim, groups, window, chunk, seq_override)
+    bd, nw = sc["BLOCK_D"], sc["num_warps"]
+    n_chunks = triton.cdiv(L, chunk)
+    d_tiles = triton.cdiv(dim, bd)
+    if sc["SEG"] is not None:
+        cps = max(1, int(sc["SEG"]))
+    else:
+        cps, _ = _segments(n_chunks, d_tiles * batch, nw, u.device, None, warps_per_sm=SEQ_WARPS_PER_SM)
+    n_seg = triton.cdiv(n_chunks, cps)
+    seg_len = cps * chunk
+    Np = triton.next_power_of_2(N)
+    A, B4, C4 = _pad_state(A, B4, C4, Np)
+    # (batch, groups, length + TB, state): one row per position, TB zero rows so blocks read unmasked
+    pad_rows = (0, 0, 0, sc["TB"])
+    Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
+    Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
+    out = _out_like(u)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    hs = torch.empty((batch, dim, Np, n_chunks), **f32) if save_states else out
+    last = torch.empty((batch, dim, Np), **f32) if save_last else out
+    sx = torch.empty((batch, dim, Np, n_seg), **f32)
+    sp = torch.empty((batch, dim, Np, n_seg), **f32)
+    zz = z if z is not None else u
+    bias = delta_bias if delta_bias is not None else u
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    tiles = dict(N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=sc["STEP"])
+    if n_seg > 1:
+        _fwd_seq_summary_kernel[(d_tiles, batch, n_seg - 1)](
+            u, delta, A, Bt, bias, sx, sp, L, dim, dim // groups, seg_len, n_seg,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Bt.stride(0), Bt.stride(1),
+            A.stride(0), A.stride(1), **tiles, **flags, num_warps=nw,
+        )
+    _fwd_seq_kernel[(d_tiles, batch, n_seg)](
+        u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, out, hs, last, sx, sp,
+        L, dim, dim // groups, seg_len, n_seg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
+        Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
+        hs.stride(0) if save_states else 0, hs.stride(1) if save_states else 0, hs.stride(2) if save_states else 0,
+        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"],
+        HAS_D=D is not None, HAS_Z=z is not None, **flags,
+        SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
+    )
+    return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), scan_cfg
+
+
+def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
+    """Launch the scan forward kernels. Returns out, saved chunk states (or None), last state (or None), config."""
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     if dim % groups:

@@ -16,7 +16,8 @@ from wsimamba.ops.selective_scan import selective_scan_naive, selective_scan_ref
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16, "CPS": 2}, "bwd": {"BLOCK_D": 2, "CPS": 3}}
+SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16, "CPS": 2}, "bwd": {"BLOCK_D": 2, "CPS": 3},
+               "seq": {"BLOCK_D": 4, "TB": 4, "SEG": 1}}
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +27,8 @@ def _poison(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 4 channels × 16 positions in segments of 2-3 chunks: many tiles, chunks and segments
-    at sizes the interpreter runs fast."""
+    """Tiles of 4 channels × 16 positions in segments of 1-3 chunks (sequential forward: blocks of 4
+    positions or one window): many tiles, blocks and segments at sizes the interpreter runs fast."""
     if DEV == "cpu":
         monkeypatch.setattr(ks, "TILE_OVERRIDE", SMALL_TILES)
 
@@ -66,6 +67,7 @@ def _rel(a, b):
 
 def _compare(args, tol, **kw):
     """Kernel against the fp32 reference, output and every gradient, relative error under `tol`.
+    Returns the kernel's output and gradients.
 
     A gradient that is a sum of a few terms of opposite sign (a 1-element sequence's dΔ, say) has
     no fp32 answer good to 1e-5: then both are judged against a float64 reference, and the kernel
@@ -79,13 +81,14 @@ def _compare(args, tol, **kw):
         assert torch.isfinite(got[k]).all(), f"{k}: unwritten elements"
     failing = [k for k in ref if _rel(got[k], ref[k]) >= tol]
     if not failing:
-        return
+        return out, g
     f64_args = {k: (v.double() if v is not None else None) for k, v in args.items()}
     out64, g64 = _run(selective_scan_reference, f64_args, _grad_like(args).double(), **kw)
     truth = {"out": out64, **g64}
     for k in failing:
         err, ref_err = _rel(got[k].double(), truth[k]), _rel(ref[k].double(), truth[k])
         assert err < max(tol, 2 * ref_err), (k, "kernel vs float64", err, "fp32 reference vs float64", ref_err)
+    return out, g
 
 
 _GRAD = {}
@@ -172,6 +175,45 @@ def test_non_contiguous_inputs(small_tiles):
     args["u"] = args["u"].transpose(1, 2).contiguous().transpose(1, 2)
     args["B"] = args["B"].transpose(1, 2).contiguous().transpose(1, 2)
     _compare(args, 1e-5, delta_softplus=True, direction="local_bidirectional", window=4)
+
+
+@pytest.mark.parametrize("direction,window,prefetch", [("forward", None, (False, True)), ("forward", None, (True, False)),
+                                                      ("local_bidirectional", 4, (True, True)),
+                                                      ("local_bidirectional", 5, (False, False))])
+def test_sequential_and_scan_forwards_agree(direction, window, prefetch, small_tiles, monkeypatch):
+    # both forwards against the reference, and each one's saved states feed the same backward;
+    # the sequential one with and without each of its prefetches
+    args = _inputs(2, 7, 83, 8, groups=None)
+    tiles = {**ks.TILE_OVERRIDE} if ks.TILE_OVERRIDE else {}
+    tiles["seq"] = {**tiles.get("seq", {}), "PREFETCH": prefetch[0], "PREFETCH_BC": prefetch[1]}
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", tiles)
+    results = {}
+    for impl in ("seq", "scan"):
+        monkeypatch.setattr(ks, "FORWARD", impl)
+        results[impl] = _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+    out_seq, out_scan = results["seq"][0], results["scan"][0]
+    assert _rel(out_seq, out_scan) < 1e-5
+
+
+@pytest.mark.parametrize("seg", [1, 2])
+def test_segment_summaries_wait_for_the_slowest_state(seg, monkeypatch):
+    """A segment's summary walks back from its end and stops once every decay product is exactly 0.
+
+    Here most states decay so fast that they reach 0 within a few positions, and one state of one
+    channel barely decays at all: stopping on the fast ones would drop that state's memory of the
+    previous segments, and the outputs after each segment boundary would be wrong."""
+    monkeypatch.setattr(ks, "FORWARD", "seq")
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"fwd": {"T": 16}, "seq": {"BLOCK_D": 4, "TB": 4, "SEG": seg}})
+    args = _inputs(1, 6, 160, 4, z=False, D=False)
+    args["A"] = torch.full_like(args["A"], -60.0)
+    args["A"][4, 2] = -1e-3  # channel 4 (second tile), state 2 keeps everything
+    args["delta"] = args["delta"].abs() + 0.5
+    out = ks.selective_scan(**args, delta_softplus=True, direction="forward")
+    ref = selective_scan_reference(**args, delta_softplus=True, direction="forward")
+    assert _rel(out, ref) < 1e-5
+    # the slow channel really carries state across the boundaries: cut it off and the output changes
+    cut = ks.selective_scan(**{**args, "A": args["A"].clamp(max=-60.0)}, delta_softplus=True, direction="forward")
+    assert _rel(cut[:, 4], ref[:, 4]) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
