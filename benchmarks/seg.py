@@ -99,6 +99,12 @@ def measure(name: str, backend: str, args, device: torch.device) -> dict:
     return out
 
 
+def _progress(key: str, r: dict) -> None:
+    """One line per measurement as it finishes, so a run cut short still shows what it measured."""
+    print(f"# {key}: {r['input']}  forward {r['forward_images_per_s']:.1f} img/s  train {r['train_images_per_s']:.1f} img/s"
+          + (f"  peak {r['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in r else ""), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA, 224 px / 128³, bf16 autocast, reference vs triton")
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     for nd, base in BASELINES.items():
         if any((n.endswith("_3d")) == (nd == 3) for n in names):
             results[base] = measure(base, "-", args, device)
+            _progress(base, results[base])
     for name in names:
         base = results[BASELINES[3 if name.endswith("_3d") else 2]]
         for backend in backends:
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["forward_ratio_to_unet"] = r["forward_images_per_s"] / base["forward_images_per_s"]
             r["train_ratio_to_unet"] = r["train_images_per_s"] / base["train_images_per_s"]
             results[key] = r
+            _progress(key, r)
         ref, tri = results.get(f"{name}[reference]", {}), results.get(f"{name}[triton]", {})
         if "forward_images_per_s" in ref and "forward_images_per_s" in tri:
             tri["forward_speedup_over_reference"] = tri["forward_images_per_s"] / ref["forward_images_per_s"]
