@@ -10,7 +10,7 @@ from wsimamba.config import ExtractConfig, apply_overrides, build_config
 from wsimamba.errors import ConfigError, SlideError
 from wsimamba.slide.reader import Slide, find_slides, open_slide
 from wsimamba.slide.tiling import make_grid
-from wsimamba.slide.tissue import TissueMask, TissueParams, saturation, segment_thumbnail
+from wsimamba.slide.tissue import TissueMask, TissueParams, median_above, saturation, segment_thumbnail
 
 
 def _pink(h, w):
@@ -21,6 +21,20 @@ def _pink(h, w):
 def test_saturation_matches_opencv_scale():
     rgb = np.array([[[255, 255, 255], [200, 100, 150], [0, 0, 0], [10, 0, 5]]], np.uint8)
     np.testing.assert_array_equal(saturation(rgb)[0], [0, 127, 0, 255])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (37, 53), (64, 101)])
+def test_median_above_is_scipys_median_filter_then_threshold(shape):
+    from scipy import ndimage
+
+    rng = np.random.default_rng()
+    for size in range(2, 10):
+        img = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        if size % 2:
+            img = (img // 64 * 85).astype(np.uint8)  # few levels: many ties at the threshold
+        for thresh in (0, 8, 85, 170, 254):
+            expected = ndimage.median_filter(img, size=size) > thresh
+            np.testing.assert_array_equal(median_above(img, size, thresh), expected, err_msg=f"size {size} thresh {thresh}")
 
 
 def test_segment_finds_blob_drops_specks_fills_holes_keeps_border_background():
