@@ -186,6 +186,47 @@ def test_failing_slides_are_recorded_and_others_finish(bad_cohort, tmp_path, cap
     assert fattrs["mpp_source"] == "override" and cattrs["level0_mpp"] == pytest.approx(0.5)
 
 
+def test_next_slide_is_prepared_while_this_one_is_embedded(bad_cohort, tmp_path, monkeypatch):
+    """Tissue detection and grid of slide k+1 run during slide k's embedding; results keep the input
+    order with skipped and failed slides among them, and a failure while preparing is recorded."""
+    import wsimamba.features.extract as ex
+    from wsimamba.config import ExtractConfig
+
+    d, good = bad_cohort
+    paths = sorted(d.iterdir(), key=lambda p: p.stem)  # broken, nompp, then the two good slides
+    cfg = ExtractConfig(encoder="timm:test_resnet", random_init=True, target_mpp=2.0, patch_size=64, device="cpu",
+                        batch_size=16, workers=0)
+    out = tmp_path / "f"
+    events = []
+    real_prepare, real_embed = ex.prepare_slide, ex.embed_slide
+
+    def prepare(path, *a, **k):
+        events.append(("prepare", Path(path).stem, time.perf_counter()))
+        return real_prepare(path, *a, **k)
+
+    def embed(prep, *a, **k):
+        events.append(("embed-start", prep.sid, time.perf_counter()))
+        time.sleep(0.3)  # long enough for the next slide's preparation to start meanwhile
+        res = real_embed(prep, *a, **k)
+        events.append(("embed-end", prep.sid, time.perf_counter()))
+        return res
+
+    monkeypatch.setattr(ex, "prepare_slide", prepare)
+    monkeypatch.setattr(ex, "embed_slide", embed)
+    res = ex.extract_cohort(paths, out, cfg)
+    assert [r.slide_path for r in res] == [str(p) for p in paths]
+    assert [r.status for r in res] == ["failed", "failed", "ok", "ok"]
+    rows = manifest(out)
+    assert "broken.svs" in rows["broken"]["error"] and "--mpp-override" in rows["nompp"]["error"]
+    first_end = next(t for kind, sid, t in events if kind == "embed-end" and sid == good[0].slide_id)
+    second_prep = next(t for kind, sid, t in events if kind == "prepare" and sid == good[1].slide_id)
+    assert second_prep < first_end, events
+    # a rerun skips the finished slides and retries the failed ones, and still reports in input order
+    res = ex.extract_cohort(paths, out, cfg)
+    assert [(Path(r.slide_path).stem, r.status) for r in res] == [
+        ("broken", "failed"), ("nompp", "failed"), (good[0].slide_id, "skipped"), (good[1].slide_id, "skipped")]
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")

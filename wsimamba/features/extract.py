@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -249,15 +250,24 @@ def _one_line(e: BaseException) -> str:
     return msg if isinstance(e, WsimambaError) else f"{type(e).__name__}: {msg}"
 
 
-def extract_slide(
-    slide_path: Path,
-    out_dir: Path,
-    cfg: ExtractConfig,
-    embedder: PatchEmbedder,
-    progress: ExtractProgress | None = None,
-) -> SlideResult:
-    """Extract one slide into `out_dir`. Raises on failure (the caller records it)."""
-    progress = progress or ExtractProgress()
+@dataclass
+class PreparedSlide:
+    """A slide ready to embed: its grid, its reader, and the attributes its feature file will carry."""
+
+    path: Path
+    sid: str
+    grid: PatchGrid
+    plan: TilePlan | None
+    slide_attrs: dict
+    reader_attrs: dict
+    tissue_attrs: dict
+    seconds: float  # spent preparing
+
+
+def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: torch.device) -> PreparedSlide:
+    """Open a slide, find tissue, lay the grid, write its QC image and pick its reader. Raises on failure.
+
+    Uses no GPU, so `extract_cohort` runs it for the next slide while the current one is embedded."""
     t0 = time.perf_counter()
     slide_path = Path(slide_path)
     sid = slide_id_of(slide_path)
@@ -286,24 +296,35 @@ def extract_slide(
             "mpp_source": slide.mpp_source,
             "tissue_mask_source": tissue.source,
         }
-        plan, fallback = choose_reader(slide, grid, cfg.reader, embedder.device)
+        plan, fallback = choose_reader(slide, grid, cfg.reader, device)
     reader_attrs = {"reader": "tiles" if plan is not None else "openslide", "reader_requested": cfg.reader,
                     "reader_fallback": fallback}
-    progress.slide_start(sid, len(grid))
-    writer = FeatureWriter(out_dir, sid, embedder.encoder.dim, cfg.format)
+    return PreparedSlide(slide_path, sid, grid, plan, slide_attrs, reader_attrs, tparams.as_attrs(),
+                         time.perf_counter() - t0)
+
+
+def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
+                progress: ExtractProgress | None = None) -> SlideResult:
+    """Embed a prepared slide's patches and write its feature file. Raises on failure (nothing is left
+    under the final name)."""
+    progress = progress or ExtractProgress()
+    t0 = time.perf_counter()
+    grid, reader_attrs = prep.grid, dict(prep.reader_attrs)
+    progress.slide_start(prep.sid, len(grid))
+    writer = FeatureWriter(out_dir, prep.sid, embedder.encoder.dim, cfg.format)
     try:
-        if plan is not None:
+        if prep.plan is not None:
             from wsimamba.features.fastread import requested_decoder, run_tiles
 
             def append(feats, start, stop):
                 writer.append(feats, grid.coords[start:stop])
 
-            run = run_tiles(plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress)
+            run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress)
             reader_attrs.update(run.attrs())
         else:
-            _read_with_openslide(slide_path, grid, cfg, embedder, writer, progress)
+            _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress)
         if writer.n != len(grid):
-            raise SlideError(f"{slide_path}: {writer.n} of {len(grid)} patches were embedded")
+            raise SlideError(f"{prep.path}: {writer.n} of {len(grid)} patches were embedded")
         enc = embedder.encoder
         file_attrs = {
             "encoder": enc.name,
@@ -313,18 +334,29 @@ def extract_slide(
             "feature_dim": enc.dim,
             "wsimamba_version": wsimamba.__version__,
             "min_tissue": cfg.min_tissue,
-            **tparams.as_attrs(),
-            **slide_attrs,
+            **prep.tissue_attrs,
+            **prep.slide_attrs,
             **reader_attrs,
         }
-        out = writer.finalize(grid.coords_attrs(sid), file_attrs)
+        out = writer.finalize(grid.coords_attrs(prep.sid), file_attrs)
     except BaseException:
         writer.abort()
         raise
     return SlideResult(
-        slide_id=sid, slide_path=str(slide_path), status="ok", patches=len(grid),
-        seconds=time.perf_counter() - t0, output=str(out), reader=reader_attrs["reader"],
+        slide_id=prep.sid, slide_path=str(prep.path), status="ok", patches=len(grid),
+        seconds=prep.seconds + time.perf_counter() - t0, output=str(out), reader=reader_attrs["reader"],
     )
+
+
+def extract_slide(
+    slide_path: Path,
+    out_dir: Path,
+    cfg: ExtractConfig,
+    embedder: PatchEmbedder,
+    progress: ExtractProgress | None = None,
+) -> SlideResult:
+    """Extract one slide into `out_dir`. Raises on failure (the caller records it)."""
+    return embed_slide(prepare_slide(slide_path, out_dir, cfg, embedder.device), out_dir, cfg, embedder, progress)
 
 
 def choose_reader(slide, grid: PatchGrid, requested: str, device: torch.device | None = None) -> tuple[TilePlan | None, str]:
@@ -405,6 +437,7 @@ def extract_cohort(
     manifest = read_manifest(out_dir)
     progress.start(len(mine))
     results: list[SlideResult] = []
+    todo: list[Path] = []
     for path in mine:
         sid = slide_id_of(path)
         if is_complete(out_dir, sid, cfg.format) and not cfg.overwrite:
@@ -425,16 +458,34 @@ def extract_cohort(
             continue
         if cfg.overwrite:
             remove_output(out_dir, sid, cfg.format)
-        t0 = time.perf_counter()
-        try:
-            res = extract_slide(path, out_dir, cfg, embedder, progress)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:
-            res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
-        update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
-        results.append(res)
-        progress.slide_end(res)
+        todo.append(path)
+
+    # The next slide is prepared (opened, tissue found, grid laid, reader picked) in a thread while
+    # the current one is embedded, so the GPU does not wait for that between slides.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-prepare")
+
+    def prepare(path: Path):
+        return prepare_slide(path, out_dir, cfg, device)
+
+    try:
+        ahead = pool.submit(prepare, todo[0]) if todo else None
+        for i, path in enumerate(todo):
+            sid = slide_id_of(path)
+            t0 = time.perf_counter()
+            current, ahead = ahead, (pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None)
+            try:
+                res = embed_slide(current.result(), out_dir, cfg, embedder, progress)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
+            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+            results.append(res)
+            progress.slide_end(res)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    order = {str(p): k for k, p in enumerate(mine)}
+    results.sort(key=lambda r: order.get(r.slide_path, len(order)))
     return results
 
 
