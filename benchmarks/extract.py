@@ -150,6 +150,11 @@ def _count_patches(paths, cfg) -> list[int]:
     return counts
 
 
+def _note(text: str) -> None:
+    """A progress line with the time of day, flushed, so a run cut short shows where its time went."""
+    print(f"# {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
 def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
     """Fast path vs OpenSlide loader, per config, on one cohort; prints a table and JSON lines."""
     import shutil
@@ -170,10 +175,13 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
                     workers=args.workers, batch_size=args.batch_size, qc=False, min_tissue=args.min_tissue)
         embedder = PatchEmbedder(create_encoder(enc_name, random_init=True), device)
         alone = encoder_alone(embedder, ps, args.batch_size, seconds=3.0 if args.min_seconds else 1.0)
+        _note(f"{name}: encoder alone {alone:,.0f} patches/s")
         # enough copies of the cohort that the fast path (≈ min(encoder, 15k patches/s)) runs ≥ min_seconds
         per_pass = sum(_count_patches(slide_paths, ExtractConfig(**base)))
         want = args.min_seconds * min(alone, 15000.0)
         repeats = max(1, int(np.ceil(want / max(per_pass, 1))))
+        if args.max_repeats:
+            repeats = min(repeats, args.max_repeats)
         cohort = tmp / f"cohort_{name}"
         cohort.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -183,10 +191,13 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
                 if not link.exists():
                     link.symlink_to(p.resolve())
                 paths.append(link)
-        row = {"config": name, "encoder": enc_name, "patch_size": ps, "encoder_alone_patches_per_s": round(alone, 1)}
+        _note(f"{name}: cohort of {len(paths)} slide files ({repeats} × {len(slide_paths)}), {per_pass * repeats:,} patches")
+        row = {"config": name, "encoder": enc_name, "patch_size": ps, "encoder_alone_patches_per_s": round(alone, 1),
+               "slide_files": len(paths)}
         for reader in ("tiles", "openslide"):
             row[f"{reader}_read_alone_patches_per_s"] = round(
                 read_alone(paths, ExtractConfig(**base), device, reader, seconds=max(3.0, args.min_seconds / 3)), 1)
+            _note(f"{name}: {reader} reading alone {row[f'{reader}_read_alone_patches_per_s']:,.0f} patches/s")
         for reader in ("tiles", "openslide"):
             cfg = ExtractConfig(**base, reader=reader)
             out = tmp / f"features_{name}_{reader}"
@@ -207,6 +218,9 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
             row[f"{reader}_seconds"] = round(dt, 2)
             row[f"{reader}_patches_per_s"] = round(n / dt, 1)
             row[f"{reader}_readers_used"] = readers_used
+            row[f"{reader}_ms_per_slide_file"] = round(1000 * dt / len(paths), 1)
+            _note(f"{name}: {reader} end to end {n:,} patches in {dt:.1f} s = {n / dt:,.0f} patches/s, "
+                  f"{1000 * dt / len(paths):.0f} ms per slide file, readers {readers_used}")
             if reader == "tiles":
                 from wsimamba.features.store import read_features
 
@@ -217,6 +231,7 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
         row["speedup"] = round(row["tiles_patches_per_s"] / row["openslide_patches_per_s"], 2)
         row["tiles_vs_encoder_alone"] = round(row["tiles_patches_per_s"] / alone, 3)
         rows.append(row)
+        print("# " + json.dumps(row), flush=True)  # each config as it finishes: a run cut short keeps what it measured
         del embedder
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -261,6 +276,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(READER_CONFIGS), help="comma-separated: " + ", ".join(READER_CONFIGS))
     ap.add_argument("--min-seconds", type=float, default=30.0, help="--readers: cohort repeated until the fast path runs this long")
     ap.add_argument("--min-tissue", type=float, default=0.25)
+    ap.add_argument("--max-repeats", type=int, default=0, help="--readers: link each slide at most this many times (0: no cap)")
     args = ap.parse_args()
     if args.gpu:
         args.readers = True
@@ -277,7 +293,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="wsimamba-bench-"))
     if args.cohort is None:
+        t0 = time.perf_counter()
         synth_cohort(tmp / "cohort", args.slides, seed=1, size=(args.size, args.size), mpp=args.mpp, size_jitter=0.0)
+        if args.readers:
+            _note(f"synthetic cohort: {args.slides} slides of {args.size}² px in {time.perf_counter() - t0:.0f} s")
         slide_dir = tmp / "cohort" / "slides"
     else:
         slide_dir = args.cohort / "slides"
