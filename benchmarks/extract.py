@@ -258,15 +258,15 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=2)
-    ap.add_argument("--size", type=int, default=4096, help="slide side in level-0 pixels")
-    ap.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px of the synthetic slides")
+    ap.add_argument("--slides", type=int, default=None, help="synthetic slides (default 2; 4 with --gpu)")
+    ap.add_argument("--size", type=int, default=None, help="slide side in level-0 pixels (default 4096; 8192 with --gpu)")
+    ap.add_argument("--mpp", type=float, default=None, help="level-0 µm/px of the synthetic slides (default 0.25; 0.5 with --gpu)")
     ap.add_argument("--target-mpp", type=float, default=0.5)
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--encoder", default="resnet50-trunc")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default=None, help="default auto; cuda with --gpu")
+    ap.add_argument("--workers", type=int, default=None, help="default 2; min(16, cores) with --gpu")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64; 256 with --gpu")
     ap.add_argument("--naive-max", type=int, default=0, help="stop the naive loop after this many patches (0: all)")
     ap.add_argument("--cohort", type=Path, default=None, help="reuse slides from this synth folder")
     ap.add_argument("--json", type=Path, default=None)
@@ -278,13 +278,15 @@ def main() -> None:
     ap.add_argument("--min-tissue", type=float, default=0.25)
     ap.add_argument("--max-repeats", type=int, default=0, help="--readers: link each slide at most this many times (0: no cap)")
     args = ap.parse_args()
+    # defaults that depend on --gpu; a value given on the command line always wins (also one equal to a default)
     if args.gpu:
         args.readers = True
-        defaults = ap.parse_args([])
-        for key, value in dict(device="cuda", workers=min(16, os.cpu_count() or 1), batch_size=256, slides=4,
-                               size=8192, mpp=0.5).items():
-            if getattr(args, key) == getattr(defaults, key):
-                setattr(args, key, value)
+        defaults = dict(device="cuda", workers=min(16, os.cpu_count() or 1), batch_size=256, slides=4, size=8192, mpp=0.5)
+    else:
+        defaults = dict(device="auto", workers=2, batch_size=64, slides=2, size=4096, mpp=0.25)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     from wsimamba.config import ExtractConfig
     from wsimamba.features.encoders import create_encoder
