@@ -472,6 +472,24 @@ def _pick(tile, t_idx, t: tl.constexpr):
 
 
 @triton.jit
+def _seq_program(A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An,
+                 N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What a sequential-forward program (channel tile, batch, segment) starts from: its batch and
+    segment, channels, group, index vectors, Δ bias, A·log2(e), and its segment's positions."""
+    b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    d0 = tl.program_id(0) * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    t_idx = tl.arange(0, TB)
+    n_idx = tl.arange(0, N)
+    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    A2 = tl.load(A_ptr + offs_d[:, None] * s_Ad + n_idx[None, :] * s_An, mask=mask_d[:, None], other=0.0) * LOG2E
+    start = seg * SEG_LEN
+    return b, seg, offs_d, mask_d, d0 // DPG, t_idx, n_idx, bias, A2, start, tl.minimum(start + SEG_LEN, L)
+
+
+@triton.jit
 def _fwd_seq_summary_kernel(
     u_ptr, dt_ptr, A_ptr, Bt_ptr, bias_ptr, sx_ptr, sp_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
@@ -479,19 +497,8 @@ def _fwd_seq_summary_kernel(
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    seg = tl.program_id(2)
-    d0 = pid_d * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    g = d0 // DPG
-    t_idx = tl.arange(0, TB)
-    n_idx = tl.arange(0, N)
-    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
-    A2 = tl.load(A_ptr + offs_d[:, None] * s_Ad + n_idx[None, :] * s_An, mask=mask_d[:, None], other=0.0) * LOG2E
-    start = seg * SEG_LEN
-    end = tl.minimum(start + SEG_LEN, L)
+    b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS)
     X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     Q = tl.where(mask_d[:, None], 1.0, 0.0) + X  # channels past DIM start at zero: they never hold the loop
     i = (end - start + STEP - 1) // STEP - 1
@@ -525,19 +532,10 @@ def _fwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    seg = tl.program_id(2)
-    d0 = pid_d * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    g = d0 // DPG
-    t_idx = tl.arange(0, TB)
-    n_idx = tl.arange(0, N)
-    bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
+    b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    A2 = tl.load(A_ptr + offs_d[:, None] * s_Ad + n_idx[None, :] * s_An, mask=mask_d[:, None], other=0.0) * LOG2E
     # the state entering this segment: fold the summaries of the segments before it
     h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
@@ -545,8 +543,6 @@ def _fwd_seq_kernel(
         xs = tl.load(sx_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
         ps = tl.load(sp_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
         h = ps * h + xs
-    start = seg * SEG_LEN
-    end = tl.minimum(start + SEG_LEN, L)
     base_bt = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
     base_ct = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
