@@ -187,8 +187,9 @@ def test_failing_slides_are_recorded_and_others_finish(bad_cohort, tmp_path, cap
 
 
 def test_next_slide_is_prepared_while_this_one_is_embedded(bad_cohort, tmp_path, monkeypatch):
-    """Tissue detection and grid of slide k+1 run during slide k's embedding; results keep the input
-    order with skipped and failed slides among them, and a failure while preparing is recorded."""
+    """Tissue detection and grid of slide k+1 run during slide k's embedding, once its reader has
+    started; results keep the input order with skipped and failed slides among them, and a failure
+    while preparing is recorded."""
     import wsimamba.features.extract as ex
     from wsimamba.config import ExtractConfig
 
@@ -218,9 +219,13 @@ def test_next_slide_is_prepared_while_this_one_is_embedded(bad_cohort, tmp_path,
     assert [r.status for r in res] == ["failed", "failed", "ok", "ok"]
     rows = manifest(out)
     assert "broken.svs" in rows["broken"]["error"] and "--mpp-override" in rows["nompp"]["error"]
+    first_start = next(t for kind, sid, t in events if kind == "embed-start" and sid == good[0].slide_id)
     first_end = next(t for kind, sid, t in events if kind == "embed-end" and sid == good[0].slide_id)
     second_prep = next(t for kind, sid, t in events if kind == "prepare" and sid == good[1].slide_id)
     assert second_prep < first_end, events
+    # ... but only once the first slide's reader has started (after the sleep above): never while
+    # DataLoader workers are being forked
+    assert second_prep > first_start + 0.29, events
     # a rerun skips the finished slides and retries the failed ones, and still reports in input order
     res = ex.extract_cohort(paths, out, cfg)
     assert [(Path(r.slide_path).stem, r.status) for r in res] == [

@@ -304,9 +304,9 @@ def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: t
 
 
 def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
-                progress: ExtractProgress | None = None) -> SlideResult:
+                progress: ExtractProgress | None = None, started=None) -> SlideResult:
     """Embed a prepared slide's patches and write its feature file. Raises on failure (nothing is left
-    under the final name)."""
+    under the final name). `started()`, if given, is called once the reader's worker processes exist."""
     progress = progress or ExtractProgress()
     t0 = time.perf_counter()
     grid, reader_attrs = prep.grid, dict(prep.reader_attrs)
@@ -319,10 +319,11 @@ def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder
             def append(feats, start, stop):
                 writer.append(feats, grid.coords[start:stop])
 
-            run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress)
+            run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress,
+                            started=started)
             reader_attrs.update(run.attrs())
         else:
-            _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress)
+            _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress, started=started)
         if writer.n != len(grid):
             raise SlideError(f"{prep.path}: {writer.n} of {len(grid)} patches were embedded")
         enc = embedder.encoder
@@ -382,8 +383,9 @@ def choose_reader(slide, grid: PatchGrid, requested: str, device: torch.device |
 
 
 def _read_with_openslide(slide_path: Path, grid: PatchGrid, cfg: ExtractConfig, embedder: PatchEmbedder,
-                         writer: FeatureWriter, progress: ExtractProgress) -> None:
-    """The general path: DataLoader workers call `Slide.read_at` per patch."""
+                         writer: FeatureWriter, progress: ExtractProgress, started=None) -> None:
+    """The general path: DataLoader workers call `Slide.read_at` per patch. `started()` is called once
+    the worker processes exist."""
     ds = PatchDataset(slide_path, grid, cfg.mpp_override)
     on_cuda = embedder.device.type == "cuda"
     # small slides: smaller reading batches, so that every worker gets a share of the patches
@@ -398,7 +400,10 @@ def _read_with_openslide(slide_path: Path, grid: PatchGrid, cfg: ExtractConfig, 
         persistent_workers=False,
     )
     offset = 0
-    for batch in loader:
+    batches = iter(loader)  # forks the workers
+    if started is not None:
+        started()
+    for batch in batches:
         feats = embedder(batch)
         b = feats.shape[0]
         writer.append(feats, grid.coords[offset : offset + b])
@@ -461,24 +466,29 @@ def extract_cohort(
         todo.append(path)
 
     # The next slide is prepared (opened, tissue found, grid laid, reader picked) in a thread while
-    # the current one is embedded, so the GPU does not wait for that between slides.
+    # the current one is embedded, so the GPU does not wait for that between slides. It starts only
+    # once the current slide's reader processes are forked: forking while another thread is inside
+    # OpenSlide could hand a child a lock that nobody will release.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-prepare")
+    futures: dict[int, object] = {}
 
-    def prepare(path: Path):
-        return prepare_slide(path, out_dir, cfg, device)
+    def prepare_ahead(k: int) -> None:
+        if k < len(todo) and k not in futures:
+            futures[k] = pool.submit(prepare_slide, todo[k], out_dir, cfg, device)
 
     try:
-        ahead = pool.submit(prepare, todo[0]) if todo else None
+        prepare_ahead(0)
         for i, path in enumerate(todo):
             sid = slide_id_of(path)
             t0 = time.perf_counter()
-            current, ahead = ahead, (pool.submit(prepare, todo[i + 1]) if i + 1 < len(todo) else None)
             try:
-                res = embed_slide(current.result(), out_dir, cfg, embedder, progress)
+                prep = futures.pop(i).result()
+                res = embed_slide(prep, out_dir, cfg, embedder, progress, started=lambda: prepare_ahead(i + 1))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:
                 res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
+            prepare_ahead(i + 1)  # when the slide failed before its readers started
             update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
             results.append(res)
             progress.slide_end(res)

@@ -287,9 +287,10 @@ class _Background:
 
 
 def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, requested: str = "auto",
-              progress=None) -> TileRun:
+              progress=None, started=None) -> TileRun:
     """Embed every patch of `plan`; `append(features (B, D) float32, start, stop)` receives them in
-    order. Returns what was done (decoder, layout)."""
+    order. Returns what was done (decoder, layout). `started()` is called once the worker processes
+    exist."""
     device = embedder.device
     decoder, detail = choose_decoder(plan, device, requested)
     ds = TileBatches(plan, batch_size, decoder)
@@ -300,6 +301,8 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
         items = iter(loader)  # made here: its pinning thread takes this thread's (the rank's) device
     else:
         items = (ds[k] for k in range(len(ds)))
+    if started is not None:
+        started()
     stats: dict = {}
     stream = torch.cuda.Stream(device=device) if on_cuda else None
 
