@@ -123,6 +123,19 @@ def _load_dt(dt_ptr, off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.const
 
 
 @triton.jit
+def _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The state entering segment `seg`: the summaries h_end = P·h_start + X of the segments before it,
+    folded in order from a zero state (both forwards write them in this layout)."""
+    h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
+    for s2 in range(0, seg):
+        xs = tl.load(sx_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        ps = tl.load(sp_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        h = ps * h + xs
+    return h
+
+
+@triton.jit
 def _fwd_segment_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, sx_ptr, sp_ptr,
     L, DIM, DPG, n_chunks, CPS, n_seg,
@@ -194,13 +207,7 @@ def _fwd_kernel(
     bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    # the state entering this segment: fold the summaries of the segments before it
-    hc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for s2 in range(0, seg):
-        xs = tl.load(sx_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        ps = tl.load(sp_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        hc = ps * hc + xs
+    hc = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
     c_end = tl.minimum((seg + 1) * CPS, n_chunks)
     for c in range(seg * CPS, c_end):
         offs_t = c * STEP + t_idx
@@ -536,13 +543,7 @@ def _fwd_seq_kernel(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    # the state entering this segment: fold the summaries of the segments before it
-    h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for s2 in range(0, seg):
-        xs = tl.load(sx_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        ps = tl.load(sp_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        h = ps * h + xs
+    h = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
     base_bt = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
     base_ct = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
