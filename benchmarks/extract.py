@@ -83,7 +83,7 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
     from torch.utils.data import DataLoader
 
     from wsimamba.features.extract import PatchDataset
-    from wsimamba.features.fastread import TileBatches, choose_decoder, device_patches
+    from wsimamba.features.fastread import TileItems, choose_decoder, device_patches
     from wsimamba.slide.reader import open_slide
     from wsimamba.slide.tiles import plan_tiles
     from wsimamba.slide.tiling import make_grid
@@ -95,15 +95,15 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
             grid = make_grid(slide, detect_tissue(slide, TissueParams()), cfg.target_mpp, cfg.patch_size, cfg.overlap,
                              cfg.min_tissue)
             plan = plan_tiles(slide, grid) if reader == "tiles" else None
+        if plan is not None:
+            decoder, _ = choose_decoder(plan, device, "auto")  # extract_cohort does this while preparing
         t0 = time.perf_counter()
         if plan is not None:
-            decoder, _ = choose_decoder(plan, device, "auto")
-            ds = TileBatches(plan, cfg.batch_size, decoder)
-            loader = DataLoader(ds, batch_size=None, num_workers=min(cfg.workers, len(ds)),
-                                prefetch_factor=4 if cfg.workers else None)
-            for item in loader:
+            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda")
+            for item in items:
                 x = device_patches(item, plan, device)
                 n += x.shape[0]
+            items.close()
         else:
             loader = DataLoader(PatchDataset(p, grid, None), batch_size=cfg.batch_size, num_workers=cfg.workers,
                                 prefetch_factor=4 if cfg.workers else None)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.conftest import EXTRACT_ARGS
 from wsimamba.cli import main
-from wsimamba.features.fastread import assemble_gather, choose_decoder, probe_device_decoder, read_patches
+from wsimamba.features.fastread import ThreadReader, assemble_gather, choose_decoder, probe_device_decoder, read_patches
 from wsimamba.features.store import read_features
 from wsimamba.slide.reader import open_slide
 from wsimamba.slide.synth import _aperio_description
@@ -295,19 +295,20 @@ def test_recipe_assembles_every_layout_like_cropping_the_level(seed):
 
 
 @pytest.mark.parametrize("name", ["rgb_aperio", "ycc_tiff", "synth_svs", "synth_tiff"])
-@pytest.mark.parametrize("decoder", ["cpu", "device"])
+@pytest.mark.parametrize("decoder", ["cpu", "device", "hybrid"])
 def test_patches_equal_openslide_and_sit_in_place(slides, name, decoder):
     """Every layout; `device` runs the GPU path's code (spliced streams, torchvision decode, gather
-    assembly, resize) with torchvision's CPU decoder."""
+    assembly, resize) with torchvision's CPU decoder; `hybrid` mixes both decoders' batches."""
     layouts = set()
     with open_slide(slides[name]) as slide:
         for key, (tmpp, ps, ov) in GRIDS.items():
-            if decoder == "device" and key not in ("level1-crop", "block-resized", "span-overlap"):
+            if decoder != "cpu" and key not in ("level1-crop", "block-resized", "span-overlap"):
                 continue  # the device path shares the rest with the cpu path; keep the test short
             grid = full_grid(slide, tmpp, ps, ov, max_patches=24 if ps > 100 else 40)
             plan = plan_tiles(slide, grid)
             layouts.add(plan.layout)
-            got = read_patches(plan, decoder, "cpu", batch_size=7)
+            # the pipeline's items come from reader threads; read them so here too (and in this thread for cpu)
+            got = read_patches(plan, decoder, "cpu", batch_size=7, workers=0 if decoder == "cpu" else 3)
             ref = openslide_patches(slide, grid)
             assert got.shape == ref.shape == (len(grid), ps, ps, 3)
             per_patch = mae(got, ref, axis=(1, 2, 3))
@@ -319,6 +320,62 @@ def test_patches_equal_openslide_and_sit_in_place(slides, name, decoder):
                 assert (dist + np.eye(len(ref)) * 1e3).min() > 5 * max(per_patch.max(), 0.5)
     if decoder == "cpu":
         assert layouts == {"crop", "tile", "block", "span"}  # 128-px tiles: 'tile' from the 128-px grid
+
+
+def test_hybrid_hands_the_device_at_most_its_backlog(slides):
+    """Hybrid decoding: batches go to the device decoder while fewer than `limit` wait for it; the
+    reader decodes the others itself, and a released place is taken again."""
+    from wsimamba.features.fastread import DeviceBacklog, TileBatches, decode_item
+
+    with open_slide(slides["synth_svs"]) as slide:
+        plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=40))
+    backlog = DeviceBacklog(limit=2)
+    ds = TileBatches(plan, 8, "hybrid", backlog=backlog)
+    items = [ds[k] for k in range(4)]
+    assert ["streams" in it for it in items] == [True, True, False, False]
+    assert items[2]["patches"].shape == (8, 128, 128, 3)
+    stats: dict = {}
+    decoded = [decode_item(it, plan, torch.device("cpu"), stats, backlog) for it in items[:3]]
+    assert backlog.waiting == 0 and stats == {"device_batches": 2, "cpu_batches": 1}
+    assert "streams" in ds[4]
+    ref = read_patches(plan, "cpu", "cpu", batch_size=8)
+    assert mae(np.concatenate([d.numpy() for d in decoded]), ref[:24]) <= 2.0
+    ds.close()
+
+
+def test_thread_reader_keeps_order_bounds_lookahead_and_raises_in_place():
+    """Items finish out of order in the threads, yet come out in index order; no more than `ahead`
+    are started beyond the consumer; an item's exception surfaces at that item; close() cancels."""
+    import threading
+    import time
+
+    rng = np.random.default_rng()
+    delays = rng.uniform(0, 0.004, size=41)
+    started: list[int] = []
+    lock = threading.Lock()
+
+    class Items:
+        def __len__(self):
+            return len(delays)
+
+        def __getitem__(self, k):
+            with lock:
+                started.append(k)
+            time.sleep(delays[k])
+            if k == 29:
+                raise ValueError("tile 29 is cut short")
+            return k
+
+    reader = ThreadReader(Items(), threads=4, ahead=5)
+    got = []
+    with pytest.raises(ValueError, match="tile 29"):
+        for k in reader:
+            got.append(k)
+            with lock:
+                assert max(started) < k + 1 + 5  # never more than `ahead` past the consumer
+    reader.close()
+    assert got == list(range(29))
+    assert max(started) < 29 + 5
 
 
 def test_fallback_reasons(slides):
@@ -426,7 +483,7 @@ def test_reader_tiles_fails_unsuitable_slides_only(cli_slides, extracted_both, t
     assert rows["deflate"]["status"] == "failed" and "\n" not in err
     assert "--reader tiles cannot read this slide" in err and "deflate.tiff" in err and "not JPEG" in err
     assert not (out / "deflate.h5").exists()
-    # DataLoader workers give what the in-process reader gave
+    # reader threads give what the in-process reader gave
     a, ca, _, _ = read_features(out / "rgb_aperio.h5")
     b, cb, _, _ = read_features(extracted_both["tiles"] / "rgb_aperio.h5")
     np.testing.assert_array_equal(ca, cb)
@@ -434,20 +491,28 @@ def test_reader_tiles_fails_unsuitable_slides_only(cli_slides, extracted_both, t
     assert "failed: deflate" in capsys.readouterr().err
 
 
-def test_device_decoder_path_through_extract(cli_slides, extracted_both, tmp_path, monkeypatch):
-    """WSIMAMBA_TILE_DECODER=device on a CPU machine: the GPU path's stages with torchvision's CPU decoder."""
-    monkeypatch.setenv("WSIMAMBA_TILE_DECODER", "device")
+@pytest.mark.parametrize("decoder", ["device", "hybrid"])
+def test_device_decoder_path_through_extract(cli_slides, extracted_both, tmp_path, monkeypatch, decoder):
+    """WSIMAMBA_TILE_DECODER=device / hybrid on a CPU machine: the GPU path's stages with
+    torchvision's CPU decoder (hybrid: and imagecodecs in the reader threads)."""
+    monkeypatch.setenv("WSIMAMBA_TILE_DECODER", decoder)
     out = tmp_path / "f"
     lst = tmp_path / "list.txt"
     lst.write_text("rgb_aperio\nsynth_tiff\n")
-    assert run_cli("extract", cli_slides, "--out", out, *CLI_ARGS, "--workers", "1", "--no-qc",
-                   "--reader", "tiles", "--slide-list", lst) == 0
+    assert run_cli("extract", cli_slides, "--out", out, *CLI_ARGS, "--workers", "2", "--no-qc",
+                   "--reader", "tiles", "--slide-list", lst, "--batch-size", "4") == 0
     for name in ("rgb_aperio", "synth_tiff"):
         f, c, _, attrs = read_features(out / f"{name}.h5")
         f_ref, c_ref, _, _ = read_features(extracted_both["openslide"] / f"{name}.h5")
         np.testing.assert_array_equal(c, c_ref)
         assert _cosine(f, f_ref).min() >= 0.999
-        assert attrs["reader_decoder"] == "torchvision-cpu" and "MAE" in attrs["reader_detail"]
+        assert "MAE" in attrs["reader_detail"]
+        batches = -(-len(c) // 4)
+        assert attrs["reader_device_batches"] + attrs["reader_cpu_batches"] == batches
+        if decoder == "device":
+            assert attrs["reader_decoder"] == "torchvision-cpu" and attrs["reader_cpu_batches"] == 0
+        else:
+            assert attrs["reader_decoder"] == "torchvision-cpu+imagecodecs" and attrs["reader_device_batches"] >= 1
     monkeypatch.setenv("WSIMAMBA_TILE_DECODER", "gpu-please")
     assert run_cli("extract", cli_slides, "--out", tmp_path / "g", *CLI_ARGS, "--no-qc", "--reader", "tiles",
                    "--slide-list", lst) == 1
@@ -521,8 +586,8 @@ def test_gpu_extract_matches_openslide_and_uses_the_ranks_device(cli_slides, ext
         f_ref, c_ref, _, _ = read_features(tmp_path / "openslide" / f"{name}.h5")
         np.testing.assert_array_equal(c, c_ref)
         assert _cosine(f, f_ref).min() >= 0.999
-        assert attrs["reader"] == "tiles" and attrs["reader_decoder"] in ("nvjpeg", "imagecodecs")
+        assert attrs["reader"] == "tiles" and attrs["reader_decoder"] in ("nvjpeg+imagecodecs", "imagecodecs")
         if name in NVJPEG_TRUSTED:
-            assert attrs["reader_decoder"] == "nvjpeg"
+            assert attrs["reader_decoder"] == "nvjpeg+imagecodecs" and attrs["reader_device_batches"] >= 1
     if n > 1:
         assert torch.cuda.memory_allocated(0) == before[0]  # nothing of this rank landed on GPU 0

@@ -262,12 +262,15 @@ class PreparedSlide:
     reader_attrs: dict
     tissue_attrs: dict
     seconds: float  # spent preparing
+    decoder: tuple[str, str] | None = None  # tile plans: `choose_decoder`'s (decoder, why)
 
 
 def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: torch.device) -> PreparedSlide:
-    """Open a slide, find tissue, lay the grid, write its QC image and pick its reader. Raises on failure.
+    """Open a slide, find tissue, lay the grid, write its QC image, pick its reader and (tiles) its
+    decoder. Raises on failure.
 
-    Uses no GPU, so `extract_cohort` runs it for the next slide while the current one is embedded."""
+    Uses the GPU only to probe the tile decoder on a few tiles, so `extract_cohort` runs it for the
+    next slide while the current one is embedded."""
     t0 = time.perf_counter()
     slide_path = Path(slide_path)
     sid = slide_id_of(slide_path)
@@ -297,10 +300,15 @@ def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: t
             "tissue_mask_source": tissue.source,
         }
         plan, fallback = choose_reader(slide, grid, cfg.reader, device)
+    decoder = None
+    if plan is not None:
+        from wsimamba.features.fastread import choose_decoder, requested_decoder
+
+        decoder = choose_decoder(plan, device, requested_decoder())  # probes the device decoder's colours
     reader_attrs = {"reader": "tiles" if plan is not None else "openslide", "reader_requested": cfg.reader,
                     "reader_fallback": fallback}
     return PreparedSlide(slide_path, sid, grid, plan, slide_attrs, reader_attrs, tparams.as_attrs(),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, decoder)
 
 
 def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
@@ -320,7 +328,7 @@ def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder
                 writer.append(feats, grid.coords[start:stop])
 
             run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress,
-                            started=started)
+                            started=started, choice=prep.decoder)
             reader_attrs.update(run.attrs())
         else:
             _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress, started=started)
