@@ -83,7 +83,7 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
     from torch.utils.data import DataLoader
 
     from wsimamba.features.extract import PatchDataset
-    from wsimamba.features.fastread import TileItems, choose_decoder, device_patches
+    from wsimamba.features.fastread import DeviceBacklog, TileItems, choose_decoder, decode_item
     from wsimamba.slide.reader import open_slide
     from wsimamba.slide.tiles import plan_tiles
     from wsimamba.slide.tiling import make_grid
@@ -99,10 +99,10 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
             decoder, _ = choose_decoder(plan, device, "auto")  # extract_cohort does this while preparing
         t0 = time.perf_counter()
         if plan is not None:
-            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda")
+            backlog = DeviceBacklog() if decoder == "hybrid" else None
+            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda", backlog=backlog)
             for item in items:
-                x = device_patches(item, plan, device)
-                n += x.shape[0]
+                n += decode_item(item, plan, device, {}, backlog).shape[0]
             items.close()
         else:
             loader = DataLoader(PatchDataset(p, grid, None), batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -155,6 +155,32 @@ def _note(text: str) -> None:
     print(f"# {time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
+class _Timeline:
+    """Progress events with their times: how long each slide's embedding took, and how long the
+    embedding loop waited between slides (for the next slide's preparation or reader)."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def start(self, n_slides: int) -> None: ...
+
+    def slide_start(self, slide_id: str, n_patches: int) -> None:
+        self.starts.append(time.perf_counter())
+
+    def patches_done(self, n: int) -> None: ...
+
+    def slide_end(self, result) -> None:
+        if result.status != "skipped":
+            self.ends.append(time.perf_counter())
+
+    def summary(self) -> dict:
+        embed = [e - s for s, e in zip(self.starts, self.ends)]
+        gaps = [s - e for e, s in zip(self.ends[:-1], self.starts[1:])]
+        return {"embed_ms_per_slide": round(1000 * float(np.mean(embed)), 1) if embed else None,
+                "wait_ms_between_slides": round(1000 * float(np.mean(gaps)), 1) if gaps else None}
+
+
 def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
     """Fast path vs OpenSlide loader, per config, on one cohort; prints a table and JSON lines."""
     import shutil
@@ -201,11 +227,19 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
         for reader in ("tiles", "openslide"):
             cfg = ExtractConfig(**base, reader=reader)
             out = tmp / f"features_{name}_{reader}"
+            run_paths = paths
+            if reader == "openslide" and args.baseline_seconds:
+                # the baseline on the first slide files only: as many as its reading-alone rate needs
+                # for --baseline-seconds (rates are per patch, so the two stay comparable)
+                per_file = per_pass / len(slide_paths)
+                want_files = int(np.ceil(args.baseline_seconds * row["openslide_read_alone_patches_per_s"] / per_file))
+                run_paths = paths[: max(len(slide_paths), min(len(paths), want_files))]
             extract_cohort(paths[:1], tmp / "warmup", cfg.model_copy(update={"overwrite": True}))  # workers, cuDNN, nvjpeg
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            timeline = _Timeline()
             t0 = time.perf_counter()
-            results = extract_cohort(paths, out, cfg)
+            results = extract_cohort(run_paths, out, cfg, progress=timeline)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -218,15 +252,24 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
             row[f"{reader}_seconds"] = round(dt, 2)
             row[f"{reader}_patches_per_s"] = round(n / dt, 1)
             row[f"{reader}_readers_used"] = readers_used
-            row[f"{reader}_ms_per_slide_file"] = round(1000 * dt / len(paths), 1)
+            row[f"{reader}_slide_files"] = len(run_paths)
+            row[f"{reader}_ms_per_slide_file"] = round(1000 * dt / len(run_paths), 1)
+            tl = timeline.summary()
+            row[f"{reader}_embed_ms_per_slide"] = tl["embed_ms_per_slide"]
+            row[f"{reader}_wait_ms_between_slides"] = tl["wait_ms_between_slides"]
             _note(f"{name}: {reader} end to end {n:,} patches in {dt:.1f} s = {n / dt:,.0f} patches/s, "
-                  f"{1000 * dt / len(paths):.0f} ms per slide file, readers {readers_used}")
+                  f"{1000 * dt / len(run_paths):.0f} ms per slide file ({len(run_paths)} files; embedding "
+                  f"{tl['embed_ms_per_slide']} ms, waiting {tl['wait_ms_between_slides']} ms between slides), "
+                  f"readers {readers_used}")
             if reader == "tiles":
                 from wsimamba.features.store import read_features
 
                 _, _, _, attrs = read_features(results[0].output)
                 row["tiles_decoder"] = attrs.get("reader_decoder", "")
                 row["tiles_layout"] = attrs.get("reader_layout", "")
+                counts = [read_features(r.output)[3] for r in results]
+                row["tiles_device_batches"] = int(sum(int(a.get("reader_device_batches", 0)) for a in counts))
+                row["tiles_cpu_batches"] = int(sum(int(a.get("reader_cpu_batches", 0)) for a in counts))
             shutil.rmtree(out, ignore_errors=True)
         row["speedup"] = round(row["tiles_patches_per_s"] / row["openslide_patches_per_s"], 2)
         row["tiles_vs_encoder_alone"] = round(row["tiles_patches_per_s"] / alone, 3)
@@ -277,6 +320,9 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=30.0, help="--readers: cohort repeated until the fast path runs this long")
     ap.add_argument("--min-tissue", type=float, default=0.25)
     ap.add_argument("--max-repeats", type=int, default=0, help="--readers: link each slide at most this many times (0: no cap)")
+    ap.add_argument("--baseline-seconds", type=float, default=0.0,
+                    help="--readers: run the OpenSlide baseline on only as many slide files as it needs for about "
+                         "this long (0: the whole cohort)")
     args = ap.parse_args()
     # defaults that depend on --gpu; a value given on the command line always wins (also one equal to a default)
     if args.gpu:

@@ -18,7 +18,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from tests.conftest import EXTRACT_ARGS, SMALL
+from tests.conftest import EXTRACT_ARGS
 from wsimamba.cli import main
 from wsimamba.features.store import read_features
 from wsimamba.slide.reader import open_slide
@@ -230,6 +230,37 @@ def test_next_slide_is_prepared_while_this_one_is_embedded(bad_cohort, tmp_path,
     res = ex.extract_cohort(paths, out, cfg)
     assert [(Path(r.slide_path).stem, r.status) for r in res] == [
         ("broken", "failed"), ("nompp", "failed"), (good[0].slide_id, "skipped"), (good[1].slide_id, "skipped")]
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_slide_preparer_isolates_crashes_and_keeps_going(processes):
+    """Preparation in worker processes: results come from other processes and pass through `finish`
+    here; a slide whose preparation kills its process is the only one recorded as failed, also when
+    the crash broke the pool under other slides; an ordinary error stays that slide's error."""
+    from tests.prepare_helpers import fake_prepare
+    from wsimamba.errors import SlideError
+    from wsimamba.features.prepare import SlidePreparer
+
+    names = ["a", "bad", "b", "c", "d"] + (["crash", "e", "f"] if processes else [])
+    prep = SlidePreparer(fake_prepare, [Path(n) for n in names], (0.05,), processes=processes,
+                         finish=lambda r: {**r, "finished_in": os.getpid()})
+    for k in range(len(names)):
+        prep.submit(k)
+    got = {}
+    try:
+        for k, name in enumerate(names):
+            try:
+                got[name] = prep.result(k)
+            except SlideError as e:
+                got[name] = str(e)
+    finally:
+        prep.close()
+    assert got["bad"] == "bad: not a slide"
+    for name in ("a", "b", "c", "d", "e", "f")[: 4 + 2 * bool(processes)]:
+        assert got[name]["path"] == name and got[name]["finished_in"] == os.getpid()
+        assert (got[name]["pid"] != os.getpid()) == bool(processes)
+    if processes:
+        assert "crash: the process preparing this slide died" in got["crash"]
 
 
 def _env():

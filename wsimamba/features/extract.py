@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +23,13 @@ from wsimamba.config import ExtractConfig
 from wsimamba.errors import SlideError, WsimambaError
 from wsimamba.features.encoders import Encoder, create_encoder
 from wsimamba.features.manifest import read_manifest, update_manifest
+from wsimamba.features.prepare import PreparedSlide, SlidePreparer, choose_reader, prepare_cpu  # noqa: F401 (re-exported)
 from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
-from wsimamba.slide.qc import render_qc, write_png_atomic
 from wsimamba.slide.reader import find_slides, open_slide, slide_id_of
-from wsimamba.slide.tiles import NativeTilesUnsupported, TilePlan, plan_tiles
-from wsimamba.slide.tiling import PatchGrid, make_grid
-from wsimamba.slide.tissue import TissueParams, detect_tissue, load_tissue_mask
+from wsimamba.slide.tiling import PatchGrid
+
+
+PREPARE_PROCESSES = 3  # at most; slides prepared at once ahead of the embedding
 
 
 @dataclass
@@ -250,65 +250,20 @@ def _one_line(e: BaseException) -> str:
     return msg if isinstance(e, WsimambaError) else f"{type(e).__name__}: {msg}"
 
 
-@dataclass
-class PreparedSlide:
-    """A slide ready to embed: its grid, its reader, and the attributes its feature file will carry."""
-
-    path: Path
-    sid: str
-    grid: PatchGrid
-    plan: TilePlan | None
-    slide_attrs: dict
-    reader_attrs: dict
-    tissue_attrs: dict
-    seconds: float  # spent preparing
-    decoder: tuple[str, str] | None = None  # tile plans: `choose_decoder`'s (decoder, why)
-
-
 def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: torch.device) -> PreparedSlide:
     """Open a slide, find tissue, lay the grid, write its QC image, pick its reader and (tiles) its
-    decoder. Raises on failure.
+    decoder. Raises on failure. `extract_cohort` runs this ahead for the next slides while the
+    current one is embedded (the CPU part in worker processes: `wsimamba.features.prepare`)."""
+    return with_decoder(prepare_cpu(slide_path, out_dir, cfg, device.type), device)
 
-    Uses the GPU only to probe the tile decoder on a few tiles, so `extract_cohort` runs it for the
-    next slide while the current one is embedded."""
-    t0 = time.perf_counter()
-    slide_path = Path(slide_path)
-    sid = slide_id_of(slide_path)
-    tparams = TissueParams(**cfg.tissue.model_dump())
-    with open_slide(slide_path, cfg.mpp_override) as slide:
-        slide.require_mpp()
-        if cfg.tissue_masks is not None:
-            tissue = load_tissue_mask(Path(cfg.tissue_masks) / f"{sid}.png", slide)
-        else:
-            tissue = detect_tissue(slide, tparams)
-        grid = make_grid(slide, tissue, cfg.target_mpp, cfg.patch_size, cfg.overlap, cfg.min_tissue)
-        if len(grid) == 0:
-            raise SlideError(
-                f"{slide_path}: no patch has ≥ {cfg.min_tissue:.0%} tissue "
-                f"(tissue found on {tissue.mask.mean():.1%} of the thumbnail)"
-            )
-        if cfg.qc:
-            thumb = tissue.thumbnail
-            if thumb is None:
-                thumb = slide.thumbnail(max(1.0, max(slide.dimensions) / 2048))
-            write_png_atomic(render_qc(thumb, tissue, grid, slide.dimensions), Path(out_dir) / "qc" / f"{sid}.png")
-        slide_attrs = {
-            "slide_id": sid,
-            "slide_path": str(slide_path.resolve()),
-            "slide_backend": slide.backend,
-            "mpp_source": slide.mpp_source,
-            "tissue_mask_source": tissue.source,
-        }
-        plan, fallback = choose_reader(slide, grid, cfg.reader, device)
-    decoder = None
-    if plan is not None:
+
+def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
+    """Choose the tile decoder of a prepared slide (probes the device decoder's colours on a few tiles)."""
+    if prep.plan is not None:
         from wsimamba.features.fastread import choose_decoder, requested_decoder
 
-        decoder = choose_decoder(plan, device, requested_decoder())  # probes the device decoder's colours
-    reader_attrs = {"reader": "tiles" if plan is not None else "openslide", "reader_requested": cfg.reader,
-                    "reader_fallback": fallback}
-    return PreparedSlide(slide_path, sid, grid, plan, slide_attrs, reader_attrs, tparams.as_attrs(),
-                         time.perf_counter() - t0, decoder)
+        prep.decoder = choose_decoder(prep.plan, device, requested_decoder())
+    return prep
 
 
 def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
@@ -366,28 +321,6 @@ def extract_slide(
 ) -> SlideResult:
     """Extract one slide into `out_dir`. Raises on failure (the caller records it)."""
     return embed_slide(prepare_slide(slide_path, out_dir, cfg, embedder.device), out_dir, cfg, embedder, progress)
-
-
-def choose_reader(slide, grid: PatchGrid, requested: str, device: torch.device | None = None) -> tuple[TilePlan | None, str]:
-    """(plan, fallback reason): a native-tile plan, or None and why the OpenSlide path reads instead.
-
-    `requested`: "auto" (tiles when the plan allows and the encoder runs on CUDA, else OpenSlide),
-    "tiles" (a slide the plan refuses is a SlideError naming the reason), "openslide".
-    With the encoder on the CPU, reading is never the bottleneck, and the tile path's extra decode and
-    resize threads compete with the encoder for the cores: 1.7× slower end to end on the 2-core CI
-    machine (synthetic SVS, ResNet-50), so `auto` keeps OpenSlide there.
-    """
-    if requested == "openslide":
-        return None, ""
-    try:
-        plan = plan_tiles(slide, grid)
-    except NativeTilesUnsupported as e:
-        if requested == "tiles":
-            raise SlideError(f"{slide.path}: --reader tiles cannot read this slide: {e}") from None
-        return None, str(e)
-    if requested == "auto" and device is not None and device.type != "cuda":
-        return None, f"the encoder runs on {device.type}, where reading is not the bottleneck (--reader tiles forces tiles)"
-    return plan, ""
 
 
 def _read_with_openslide(slide_path: Path, grid: PatchGrid, cfg: ExtractConfig, embedder: PatchEmbedder,
@@ -473,16 +406,23 @@ def extract_cohort(
             remove_output(out_dir, sid, cfg.format)
         todo.append(path)
 
-    # The next slide is prepared (opened, tissue found, grid laid, reader picked) in a thread while
-    # the current one is embedded, so the GPU does not wait for that between slides. It starts only
-    # once the current slide's reader processes are forked: forking while another thread is inside
-    # OpenSlide could hand a child a lock that nobody will release.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-prepare")
-    futures: dict[int, object] = {}
+    # The next slides are prepared (opened, tissue found, grid laid, QC written, reader picked) while
+    # the current one is embedded, so the GPU does not wait for that between slides: in
+    # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else
+    # in a thread. Only once the current slide's reader has started, as in a thread forking
+    # DataLoader workers while another thread is inside OpenSlide could hand a child a lock that
+    # nobody will release.
+    procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
+    if procs:
+        preparer = SlidePreparer(prepare_cpu, todo, (out_dir, cfg, device.type), processes=procs,
+                                 finish=lambda prep: with_decoder(prep, device))
+    else:
+        preparer = SlidePreparer(prepare_slide, todo, (out_dir, cfg, device))
+    ahead = max(1, procs)
 
     def prepare_ahead(k: int) -> None:
-        if k < len(todo) and k not in futures:
-            futures[k] = pool.submit(prepare_slide, todo[k], out_dir, cfg, device)
+        for j in range(k, k + ahead):
+            preparer.submit(j)
 
     try:
         prepare_ahead(0)
@@ -490,7 +430,7 @@ def extract_cohort(
             sid = slide_id_of(path)
             t0 = time.perf_counter()
             try:
-                prep = futures.pop(i).result()
+                prep = preparer.result(i)
                 res = embed_slide(prep, out_dir, cfg, embedder, progress, started=lambda: prepare_ahead(i + 1))
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -501,7 +441,7 @@ def extract_cohort(
             results.append(res)
             progress.slide_end(res)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        preparer.close()
     order = {str(p): k for k, p in enumerate(mine)}
     results.sort(key=lambda r: order.get(r.slide_path, len(order)))
     return results
