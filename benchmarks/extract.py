@@ -83,7 +83,7 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
     from torch.utils.data import DataLoader
 
     from wsimamba.features.extract import PatchDataset
-    from wsimamba.features.fastread import DeviceBacklog, TileItems, choose_decoder, decode_item
+    from wsimamba.features.fastread import TileItems, choose_decoder, decode_item
     from wsimamba.slide.reader import open_slide
     from wsimamba.slide.tiles import plan_tiles
     from wsimamba.slide.tiling import make_grid
@@ -99,10 +99,9 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
             decoder, _ = choose_decoder(plan, device, "auto")  # extract_cohort does this while preparing
         t0 = time.perf_counter()
         if plan is not None:
-            backlog = DeviceBacklog() if decoder == "hybrid" else None
-            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda", backlog=backlog)
+            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda")
             for item in items:
-                n += decode_item(item, plan, device, {}, backlog).shape[0]
+                n += decode_item(item, plan, device, {}, items.backlog).shape[0]
             items.close()
         else:
             loader = DataLoader(PatchDataset(p, grid, None), batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -178,7 +177,8 @@ class _Timeline:
         embed = [e - s for s, e in zip(self.starts, self.ends)]
         gaps = [s - e for e, s in zip(self.ends[:-1], self.starts[1:])]
         return {"embed_ms_per_slide": round(1000 * float(np.mean(embed)), 1) if embed else None,
-                "wait_ms_between_slides": round(1000 * float(np.mean(gaps)), 1) if gaps else None}
+                "wait_ms_between_slides": round(1000 * float(np.mean(gaps)), 1) if gaps else None,
+                "first_to_last_s": (self.ends[-1] - self.starts[0]) if self.ends else None}
 
 
 def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
@@ -257,9 +257,12 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
             tl = timeline.summary()
             row[f"{reader}_embed_ms_per_slide"] = tl["embed_ms_per_slide"]
             row[f"{reader}_wait_ms_between_slides"] = tl["wait_ms_between_slides"]
+            # without the run's start (encoder build, worker processes, the first slide's preparation)
+            row[f"{reader}_patches_per_s_after_start"] = round(n / tl["first_to_last_s"], 1)
             _note(f"{name}: {reader} end to end {n:,} patches in {dt:.1f} s = {n / dt:,.0f} patches/s, "
                   f"{1000 * dt / len(run_paths):.0f} ms per slide file ({len(run_paths)} files; embedding "
-                  f"{tl['embed_ms_per_slide']} ms, waiting {tl['wait_ms_between_slides']} ms between slides), "
+                  f"{tl['embed_ms_per_slide']} ms, waiting {tl['wait_ms_between_slides']} ms between slides; "
+                  f"{n / tl['first_to_last_s']:,.0f} patches/s from the first slide's start), "
                   f"readers {readers_used}")
             if reader == "tiles":
                 from wsimamba.features.store import read_features

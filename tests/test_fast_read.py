@@ -491,6 +491,55 @@ def test_reader_tiles_fails_unsuitable_slides_only(cli_slides, extracted_both, t
     assert "failed: deflate" in capsys.readouterr().err
 
 
+def test_next_slides_tiles_are_read_while_this_one_is_embedded(cli_slides, extracted_both, tmp_path, monkeypatch):
+    """With reader threads, slide k+1's tile reading starts before slide k's embedding ends, and
+    slide k+1 is then embedded from those very items; the features are the in-process reader's."""
+    import time
+
+    import wsimamba.features.fastread as fr
+    from wsimamba.config import ExtractConfig
+    from wsimamba.features.extract import extract_cohort
+
+    events = []
+    real_start, real_run = fr.start_items, fr.run_tiles
+
+    def start_items(plan, *a, **k):
+        items = real_start(plan, *a, **k)
+        events.append(("read-ahead", plan.level.path.stem, time.perf_counter(), id(items)))
+        return items
+
+    def run_tiles(plan, *a, items=None, started=None, **k):
+        events.append(("run-start", plan.level.path.stem, time.perf_counter(), id(items) if items else None))
+
+        def slow_start():
+            started()
+            time.sleep(0.5)  # a slow slide: the next one's reading must start meanwhile
+
+        out = real_run(plan, *a, items=items, started=slow_start, **k)
+        events.append(("run-end", plan.level.path.stem, time.perf_counter(), None))
+        return out
+
+    monkeypatch.setattr(fr, "start_items", start_items)
+    monkeypatch.setattr(fr, "run_tiles", run_tiles)
+    cfg = ExtractConfig(encoder="timm:test_resnet", random_init=True, target_mpp=4.0, patch_size=64, device="cpu",
+                        batch_size=16, workers=2, reader="tiles", qc=False)
+    paths = [next(cli_slides.glob(n + ".*")) for n in ("synth_svs", "rgb_aperio", "ycc_tiff")]
+    res = extract_cohort(paths, tmp_path / "f", cfg)
+    assert [r.status for r in res] == ["ok"] * 3
+    names = [e[1] for e in events if e[0] == "run-start"]  # the order they were embedded in
+    assert sorted(names) == sorted(p.stem for p in paths)
+    for prev, name in zip(names, names[1:]):
+        ahead = next(e for e in events if e[0] == "read-ahead" and e[1] == name)
+        prev_end = next(e for e in events if e[0] == "run-end" and e[1] == prev)
+        run = next(e for e in events if e[0] == "run-start" and e[1] == name)
+        assert ahead[2] < prev_end[2], events  # read while the previous slide was still embedding
+        assert run[3] == ahead[3], events  # and embedded from those items
+    f, c, _, _ = read_features(tmp_path / "f" / "rgb_aperio.h5")
+    f_ref, c_ref, _, _ = read_features(extracted_both["tiles"] / "rgb_aperio.h5")
+    np.testing.assert_array_equal(c, c_ref)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("decoder", ["device", "hybrid"])
 def test_device_decoder_path_through_extract(cli_slides, extracted_both, tmp_path, monkeypatch, decoder):
     """WSIMAMBA_TILE_DECODER=device / hybrid on a CPU machine: the GPU path's stages with

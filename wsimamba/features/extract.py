@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -282,8 +283,9 @@ def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder
             def append(feats, start, stop):
                 writer.append(feats, grid.coords[start:stop])
 
+            items, prep.items = prep.items, None
             run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress,
-                            started=started, choice=prep.decoder)
+                            started=started, choice=prep.decoder, items=items)
             reader_attrs.update(run.attrs())
         else:
             _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress, started=started)
@@ -407,40 +409,75 @@ def extract_cohort(
         todo.append(path)
 
     # The next slides are prepared (opened, tissue found, grid laid, QC written, reader picked) while
-    # the current one is embedded, so the GPU does not wait for that between slides: in
+    # the current one is embedded, so the GPU does not wait for that between slides: in up to
     # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else
-    # in a thread. Only once the current slide's reader has started, as in a thread forking
-    # DataLoader workers while another thread is inside OpenSlide could hand a child a lock that
-    # nobody will release.
+    # in a thread. Preparation starts once the current slide's reader has started: in a thread, so as
+    # never to fork DataLoader workers while that thread is inside OpenSlide (a child could inherit a
+    # lock nobody will release).
     procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
     if procs:
         preparer = SlidePreparer(prepare_cpu, todo, (out_dir, cfg, device.type), processes=procs,
                                  finish=lambda prep: with_decoder(prep, device))
     else:
         preparer = SlidePreparer(prepare_slide, todo, (out_dir, cfg, device))
-    ahead = max(1, procs)
+    ahead = procs + 1 if procs else 1  # processes: keep the pool one slide ahead of its workers
 
     def prepare_ahead(k: int) -> None:
         for j in range(k, k + ahead):
             preparer.submit(j)
+
+    # The next slide's tiles start being read (and decoded on the CPU) as soon as it is prepared, while
+    # the current slide is still being embedded: a small slide's batches keep only some of the reader
+    # threads busy, and its first batch otherwise arrives only after one thread has decoded it.
+    from wsimamba.features.fastread import start_items
+
+    readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead")
+    reading: dict[int, object] = {}
+    started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
+
+    def read_ahead(k: int) -> None:
+        if cfg.workers <= 0 or k >= len(todo) or k in reading:
+            return
+
+        def attach() -> None:
+            prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
+            if prep.plan is not None and prep.decoder is not None:
+                prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device)
+                started_items[k] = prep.items
+
+        reading[k] = readahead.submit(attach)
+
+    def on_started(i: int) -> None:
+        prepare_ahead(i + 1)
+        read_ahead(i + 1)
 
     try:
         prepare_ahead(0)
         for i, path in enumerate(todo):
             sid = slide_id_of(path)
             t0 = time.perf_counter()
+            prep = None
             try:
+                if i in reading:
+                    reading.pop(i).exception()  # wait until its reading has started (or failed to)
                 prep = preparer.result(i)
-                res = embed_slide(prep, out_dir, cfg, embedder, progress, started=lambda: prepare_ahead(i + 1))
+                res = embed_slide(prep, out_dir, cfg, embedder, progress, started=lambda: on_started(i))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:
                 res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
-            prepare_ahead(i + 1)  # when the slide failed before its readers started
+            finally:
+                items = started_items.pop(i, None)
+                if items is not None:
+                    items.close()  # run_tiles closed it, unless the slide failed before reading
+            on_started(i)  # when the slide failed before its readers started
             update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
             results.append(res)
             progress.slide_end(res)
     finally:
+        readahead.shutdown(wait=True, cancel_futures=True)
+        for items in started_items.values():
+            items.close()
         preparer.close()
     order = {str(p): k for k, p in enumerate(mine)}
     results.sort(key=lambda r: order.get(r.slide_path, len(order)))

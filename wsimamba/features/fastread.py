@@ -340,22 +340,28 @@ class _Background:
 
 class ThreadReader:
     """Items `ds[0], ds[1], ...` in order, made by `threads` threads at most `ahead` items ahead of
-    the consumer. An exception in a thread is raised when its item is reached; `close()` cancels
-    what has not started."""
+    the consumer; the first `start` items are requested right away, before iteration begins (so a
+    slide's first batches can be read while the previous slide is still being embedded). An
+    exception in a thread is raised when its item is reached; `close()` cancels what has not started."""
 
-    def __init__(self, ds, threads: int, ahead: int):
+    def __init__(self, ds, threads: int, ahead: int, start: int = 0):
         self.ds = ds
         self.ahead = max(1, ahead)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsimamba-read")
+        self._futures: dict[int, object] = {}
+        self._submitted = 0
+        self._fill(start)
+
+    def _fill(self, upto: int) -> None:
+        upto = min(len(self.ds), upto)
+        while self._submitted < upto:
+            self._futures[self._submitted] = self.pool.submit(self.ds.__getitem__, self._submitted)
+            self._submitted += 1
 
     def __iter__(self):
-        n = len(self.ds)
-        futures: dict[int, object] = {}
-        for k in range(n):
-            for j in range(k, min(n, k + self.ahead)):
-                if j not in futures:
-                    futures[j] = self.pool.submit(self.ds.__getitem__, j)
-            yield futures.pop(k).result()
+        for k in range(len(self.ds)):
+            self._fill(k + self.ahead)
+            yield self._futures.pop(k).result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -364,15 +370,19 @@ class ThreadReader:
 class TileItems:
     """Stage 1 for a plan: its `TileBatches` items in order, made by `workers` reader threads (at
     most `READ_THREADS` when only the device decodes), or in the consuming thread when
-    `workers == 0`. Iterate once, then `close()`."""
+    `workers == 0`. `prefetch`: items to start reading at once, before iteration. Hybrid decoding
+    shares `self.backlog` with the decoding stage. Iterate once, then `close()` (idempotent)."""
 
     def __init__(self, plan: TilePlan, batch_size: int, decoder: str, workers: int, pin: bool = False,
-                 backlog: DeviceBacklog | None = None):
-        self.ds = TileBatches(plan, batch_size, decoder, pin=pin, backlog=backlog)
+                 prefetch: int = 0):
+        self.plan = plan
+        self.decoder = decoder
+        self.backlog = DeviceBacklog() if decoder == "hybrid" else None
+        self.ds = TileBatches(plan, batch_size, decoder, pin=pin, backlog=self.backlog)
         self._reader: ThreadReader | None = None
         if workers > 0:
             threads = min(workers, READ_THREADS) if decoder == "device" else workers
-            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2)
+            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, start=prefetch)
             self._items = iter(self._reader)
         else:
             self._items = (self.ds[k] for k in range(len(self.ds)))
@@ -402,11 +412,13 @@ def decode_item(item: dict, plan: TilePlan, device: torch.device, stats: dict, b
 
 
 def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, requested: str = "auto",
-              progress=None, started=None, choice: tuple[str, str] | None = None) -> TileRun:
+              progress=None, started=None, choice: tuple[str, str] | None = None,
+              items: TileItems | None = None) -> TileRun:
     """Embed every patch of `plan`; `append(features (B, D) float32, start, stop)` receives them in
     order. Returns what was done (decoder, layout, batches per decoder). `started()` is called once
     the reader threads exist. `choice`: `choose_decoder`'s answer when it was made ahead (it probes
-    the device decoder on sample tiles, which `prepare_slide` does off the critical path).
+    the device decoder on sample tiles, which `prepare_slide` does off the critical path). `items`:
+    the plan's stage 1, already reading (`start_items`); closed here.
 
     While it runs, Python's thread switch interval is at most `SWITCH_INTERVAL` (1 ms instead of
     5): every torch call releases the GIL, and with reader threads busy the encoding and decoding
@@ -416,8 +428,12 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
     device = embedder.device
     decoder, detail = choice if choice is not None else choose_decoder(plan, device, requested)
     on_cuda = device.type == "cuda"
-    backlog = DeviceBacklog() if decoder == "hybrid" else None
-    items = TileItems(plan, batch_size, decoder, workers, pin=on_cuda, backlog=backlog)
+    if items is not None and (items.plan is not plan or items.decoder != decoder):
+        items.close()
+        raise ValueError("run_tiles: the items were started for another plan or decoder")
+    if items is None:
+        items = TileItems(plan, batch_size, decoder, workers, pin=on_cuda)
+    backlog = items.backlog
     if started is not None:
         try:
             started()
@@ -479,6 +495,15 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
                    device_batches=int(stats.get("device_batches", 0)), cpu_batches=int(stats.get("cpu_batches", 0)))
 
 
+def start_items(plan: TilePlan, decoder: str, batch_size: int, workers: int, device: torch.device) -> TileItems | None:
+    """A plan's stage 1, started now with half its reader threads' worth of batches requested, for
+    `run_tiles(items=...)` later; None without reader threads."""
+    if workers <= 0:
+        return None
+    threads = min(workers, READ_THREADS) if decoder == "device" else workers
+    return TileItems(plan, batch_size, decoder, workers, pin=device.type == "cuda", prefetch=max(1, threads // 2))
+
+
 def read_patches(plan: TilePlan, decoder: str = "cpu", device: torch.device | str = "cpu",
                  batch_size: int = 64, workers: int = 0, stats: dict | None = None) -> np.ndarray:
     """Every patch of a plan, uint8 (N, patch_size, patch_size, 3), read with the same stages the
@@ -486,10 +511,9 @@ def read_patches(plan: TilePlan, decoder: str = "cpu", device: torch.device | st
     counts per decoder."""
     device = torch.device(device)
     stats = {} if stats is None else stats
-    backlog = DeviceBacklog() if decoder == "hybrid" else None
-    items = TileItems(plan, batch_size, decoder, workers, backlog=backlog)
+    items = TileItems(plan, batch_size, decoder, workers)
     try:
-        out = [decode_item(item, plan, device, stats, backlog).cpu().numpy() for item in items]
+        out = [decode_item(item, plan, device, stats, items.backlog).cpu().numpy() for item in items]
     finally:
         items.close()
     ps = plan.patch_size

@@ -41,6 +41,7 @@ class PreparedSlide:
     tissue_attrs: dict
     seconds: float  # spent preparing
     decoder: tuple[str, str] | None = None  # tile plans: the tile decoder and why (set by the embedding process)
+    items: object = None  # tile plans: their reading, started ahead (`fastread.TileItems`; embedding process only)
 
 
 def choose_reader(slide, grid: PatchGrid, requested: str, device_type: str | None = None) -> tuple[TilePlan | None, str]:
@@ -126,16 +127,29 @@ class SlidePreparer:
         self._threads = ThreadPoolExecutor(max_workers=max(1, self.processes), thread_name_prefix="wsimamba-prepare")
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._pool_lock = threading.Lock()
         self._futures: dict[int, Future] = {}
+        self._taken: set[int] = set()
 
     def submit(self, k: int) -> None:
-        if 0 <= k < len(self.paths) and k not in self._futures:
-            self._futures[k] = self._threads.submit(self._prepare, k)
+        with self._lock:
+            if 0 <= k < len(self.paths) and k not in self._futures and k not in self._taken:
+                self._futures[k] = self._threads.submit(self._prepare, k)
+
+    def peek(self, k: int) -> PreparedSlide:
+        """The prepared slide k, waiting for it, without taking it; raises what its preparation raised."""
+        self.submit(k)
+        with self._lock:
+            f = self._futures[k]
+        return f.result()
 
     def result(self, k: int) -> PreparedSlide:
-        """The prepared slide k (submitting it if needed); raises what its preparation raised."""
+        """Take the prepared slide k (submitting it if needed); raises what its preparation raised."""
         self.submit(k)
-        return self._futures.pop(k).result()
+        with self._lock:
+            f = self._futures.pop(k)
+            self._taken.add(k)
+        return f.result()
 
     def _prepare(self, k: int) -> PreparedSlide:
         path = self.paths[k]
@@ -154,7 +168,7 @@ class SlidePreparer:
                 raise SlideError(f"{path}: the process preparing this slide died (a crash in the slide library?)") from None
 
     def _submit_to_pool(self, path: Path) -> Future:
-        with self._lock:
+        with self._pool_lock:
             for _ in range(2):
                 if self._pool is None:
                     self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=_context())
@@ -170,7 +184,7 @@ class SlidePreparer:
         for f in self._futures.values():
             f.cancel()
         self._threads.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
+        with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
