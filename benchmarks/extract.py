@@ -99,7 +99,7 @@ def read_alone(paths, cfg, device, reader: str, seconds: float) -> float:
             decoder, _ = choose_decoder(plan, device, "auto")  # extract_cohort does this while preparing
         t0 = time.perf_counter()
         if plan is not None:
-            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device.type == "cuda")
+            items = TileItems(plan, cfg.batch_size, decoder, cfg.workers, pin=device if device.type == "cuda" else None)
             for item in items:
                 n += decode_item(item, plan, device, {}, items.backlog).shape[0]
             items.close()

@@ -285,6 +285,13 @@ def choose_decoder(plan: TilePlan, device: torch.device, requested: str) -> tupl
 # The pipeline
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """A CUDA device with its index ("cuda" means the calling thread's current device)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class _Background:
     """Runs `fn(item)` over `items` in a thread, `depth` results ahead; iterate to get them in order.
     An exception in the thread is raised here; `close()` stops the thread early."""
@@ -294,8 +301,7 @@ class _Background:
     def __init__(self, items, fn, depth: int, device: torch.device):
         self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
-        if device.type == "cuda" and device.index is None:  # "cuda": the caller's current device
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _indexed(device)
         self.thread = threading.Thread(target=self._run, args=(items, fn, device), daemon=True)
         self.thread.start()
 
@@ -344,10 +350,11 @@ class ThreadReader:
     slide's first batches can be read while the previous slide is still being embedded). An
     exception in a thread is raised when its item is reached; `close()` cancels what has not started."""
 
-    def __init__(self, ds, threads: int, ahead: int, start: int = 0):
+    def __init__(self, ds, threads: int, ahead: int, start: int = 0, initializer=None):
         self.ds = ds
         self.ahead = max(1, ahead)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsimamba-read")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsimamba-read",
+                                       initializer=initializer)
         self._futures: dict[int, object] = {}
         self._submitted = 0
         self._fill(start)
@@ -371,18 +378,22 @@ class TileItems:
     """Stage 1 for a plan: its `TileBatches` items in order, made by `workers` reader threads (at
     most `READ_THREADS` when only the device decodes), or in the consuming thread when
     `workers == 0`. `prefetch`: items to start reading at once, before iteration. Hybrid decoding
-    shares `self.backlog` with the decoding stage. Iterate once, then `close()` (idempotent)."""
+    shares `self.backlog` with the decoding stage. `pin` (a CUDA device): CPU-decoded batches land in
+    pinned memory, allocated by threads set to that device (else they would open a context on GPU 0,
+    also under a torchrun rank of another GPU). Iterate once, then `close()` (idempotent)."""
 
-    def __init__(self, plan: TilePlan, batch_size: int, decoder: str, workers: int, pin: bool = False,
-                 prefetch: int = 0):
+    def __init__(self, plan: TilePlan, batch_size: int, decoder: str, workers: int,
+                 pin: torch.device | None = None, prefetch: int = 0):
         self.plan = plan
         self.decoder = decoder
         self.backlog = DeviceBacklog() if decoder == "hybrid" else None
-        self.ds = TileBatches(plan, batch_size, decoder, pin=pin, backlog=self.backlog)
+        pin = _indexed(pin) if pin is not None and pin.type == "cuda" else None
+        self.ds = TileBatches(plan, batch_size, decoder, pin=pin is not None, backlog=self.backlog)
         self._reader: ThreadReader | None = None
         if workers > 0:
             threads = min(workers, READ_THREADS) if decoder == "device" else workers
-            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, start=prefetch)
+            init = None if pin is None else (lambda: torch.cuda.set_device(pin))
+            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, start=prefetch, initializer=init)
             self._items = iter(self._reader)
         else:
             self._items = (self.ds[k] for k in range(len(self.ds)))
@@ -432,7 +443,7 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
         items.close()
         raise ValueError("run_tiles: the items were started for another plan or decoder")
     if items is None:
-        items = TileItems(plan, batch_size, decoder, workers, pin=on_cuda)
+        items = TileItems(plan, batch_size, decoder, workers, pin=device if on_cuda else None)
     backlog = items.backlog
     if started is not None:
         try:
@@ -501,7 +512,8 @@ def start_items(plan: TilePlan, decoder: str, batch_size: int, workers: int, dev
     if workers <= 0:
         return None
     threads = min(workers, READ_THREADS) if decoder == "device" else workers
-    return TileItems(plan, batch_size, decoder, workers, pin=device.type == "cuda", prefetch=max(1, threads // 2))
+    return TileItems(plan, batch_size, decoder, workers, pin=device if device.type == "cuda" else None,
+                     prefetch=max(1, threads // 2))
 
 
 def read_patches(plan: TilePlan, decoder: str = "cpu", device: torch.device | str = "cpu",
