@@ -456,7 +456,6 @@ def extract_cohort(
         for i, path in enumerate(todo):
             sid = slide_id_of(path)
             t0 = time.perf_counter()
-            prep = None
             try:
                 if i in reading:
                     reading.pop(i).exception()  # wait until its reading has started (or failed to)
