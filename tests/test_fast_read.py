@@ -343,6 +343,46 @@ def test_hybrid_hands_the_device_at_most_its_backlog(slides):
     ds.close()
 
 
+def test_run_tiles_lowers_the_switch_interval_only_while_it_runs(slides):
+    """The 1 ms switch interval holds while the pipeline runs and the caller's value comes back
+    afterwards, also when writing fails; features arrive in order, one row per patch."""
+    import sys
+
+    from wsimamba.features.fastread import SWITCH_INTERVAL, run_tiles
+
+    class Embedder:
+        device = torch.device("cpu")
+
+        def embed(self, x):
+            return x.float().mean(dim=(1, 2))  # (B, 3) per patch
+
+    with open_slide(slides["synth_svs"]) as slide:
+        plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=30))
+    seen, rows = [], []
+
+    def append(feats, start, stop):
+        seen.append(sys.getswitchinterval())
+        rows.append((start, stop, feats.shape))
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        run = run_tiles(plan, Embedder(), append, 8, 2, "cpu")
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        assert seen and all(v == pytest.approx(SWITCH_INTERVAL) for v in seen)
+        assert [(a, b) for a, b, _ in rows] == [(k, min(k + 8, 30)) for k in range(0, 30, 8)]
+        assert run.cpu_batches == 4 and run.device_batches == 0 and run.decoder == "imagecodecs"
+
+        def failing(feats, start, stop):
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            run_tiles(plan, Embedder(), failing, 8, 2, "cpu")
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_thread_reader_keeps_order_bounds_lookahead_and_raises_in_place():
     """Items finish out of order in the threads, yet come out in index order; no more than `ahead`
     are started beyond the consumer; an item's exception surfaces at that item; close() cancels."""
