@@ -374,6 +374,11 @@ class ThreadReader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _reader_threads(decoder: str, workers: int) -> int:
+    """Reader threads for `workers`: at most `READ_THREADS` when only the device decodes."""
+    return min(workers, READ_THREADS) if decoder == "device" else workers
+
+
 class TileItems:
     """Stage 1 for a plan: its `TileBatches` items in order, made by `workers` reader threads (at
     most `READ_THREADS` when only the device decodes), or in the consuming thread when
@@ -391,7 +396,7 @@ class TileItems:
         self.ds = TileBatches(plan, batch_size, decoder, pin=pin is not None, backlog=self.backlog)
         self._reader: ThreadReader | None = None
         if workers > 0:
-            threads = min(workers, READ_THREADS) if decoder == "device" else workers
+            threads = _reader_threads(decoder, workers)
             init = None if pin is None else (lambda: torch.cuda.set_device(pin))
             self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, start=prefetch, initializer=init)
             self._items = iter(self._reader)
@@ -511,7 +516,7 @@ def start_items(plan: TilePlan, decoder: str, batch_size: int, workers: int, dev
     `run_tiles(items=...)` later; None without reader threads."""
     if workers <= 0:
         return None
-    threads = min(workers, READ_THREADS) if decoder == "device" else workers
+    threads = _reader_threads(decoder, workers)
     return TileItems(plan, batch_size, decoder, workers, pin=device if device.type == "cuda" else None,
                      prefetch=max(1, threads // 2))
 
