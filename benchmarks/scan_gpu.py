@@ -113,10 +113,11 @@ def main() -> None:
     ap.add_argument("--no-shapes", action="store_true", help="skip the shape table (sweep only)")
     ap.add_argument("--sweep-shape", default="1,1024,16,131072", help="batch,dim,state,length for --sweep")
     ap.add_argument("--cfgs", default='[{"fwd": {"BLOCK_D": 2, "T": 64}, "bwd": {"BLOCK_D": 8}}]',
-                    help="JSON list of {fwd: tiles, bwd: tiles, seq: tiles, forward: seq|scan, warps_per_sm: n} "
-                         "to try with --sweep")
+                    help="JSON list of {fwd: tiles, bwd: tiles, seq: tiles, bwd_seq: tiles, forward: seq|scan, "
+                         "backward: auto|scan, warps_per_sm: n} to try with --sweep")
     ap.add_argument("--shapes", default=None, help="batch,dim,state,length[;...] instead of the issue's four shapes")
     ap.add_argument("--sweep-forward-only", action="store_true", help="--sweep: time the forward passes only")
+    ap.add_argument("--sweep-backward-only", action="store_true", help="--sweep: time the backward passes only")
     ap.add_argument("--forwards", default="seq,scan",
                     help="forward kernels to time in the shape table (both in one process): seq, scan")
     args = ap.parse_args()
@@ -197,10 +198,11 @@ def main() -> None:
         batch, dim, state, length = (int(v) for v in args.sweep_shape.split(","))
         a = make(batch, dim, state, length)
         for item in json.loads(args.cfgs):
-            ks.TILE_OVERRIDE = {k: item[k] for k in ("fwd", "bwd", "seq") if k in item}
+            ks.TILE_OVERRIDE = {k: item[k] for k in ("fwd", "bwd", "seq", "bwd_seq") if k in item}
             ks.FORWARD = item.get("forward", "auto")
+            ks.BACKWARD = item.get("backward", "auto")
             ks.SEQ_WARPS_PER_SM = item.get("warps_per_sm", 16)
-            for backward in (False,) if args.sweep_forward_only else (False, True):
+            for backward in (False,) if args.sweep_forward_only else (True,) if args.sweep_backward_only else (False, True):
                 for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
                     t0 = time.perf_counter()
                     try:
@@ -211,10 +213,13 @@ def main() -> None:
                     rec = dict(kind="sweep", shape=f"B{batch} D{dim} N{state} L{length}", op=label,
                                pass_="bwd" if backward else "fwd", cfg=item, ms=round(ms, 4),
                                wall_s=round(time.perf_counter() - t0, 1))
+                    if backward and ks.BACKWARD == "auto":
+                        rec["bwd_seq_kernel"] = dict(ks.KERNEL_RESOURCES.get("bwd_seq", {}))
                     print(json.dumps(rec), flush=True)
                     rows.append(rec)
         ks.TILE_OVERRIDE = None
         ks.FORWARD = "auto"
+        ks.BACKWARD = "auto"
         ks.SEQ_WARPS_PER_SM = 16
 
     print("\nshape                    op          pass     ms   Gelem/s  x bytes-floor  x exp-floor")

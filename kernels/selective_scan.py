@@ -187,7 +187,7 @@ def _fwd_kernel(
     L, DIM, DPG, n_chunks, CPS, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An,
-    s_hb, s_hd, s_hn,
+    s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
@@ -215,7 +215,7 @@ def _fwd_kernel(
         mask = mask_d[:, None] & mask_t[None, :]
         row = offs_d[:, None]
         if SAVE_STATES:
-            tl.store(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c, hc, mask=mask_d[:, None])
+            tl.store(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c * s_hc, hc, mask=mask_d[:, None])
         u = tl.load(u_ptr + b * s_ub + row * s_ud + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
         dt = _load_dt(dt_ptr, b * s_tb + row * s_td + offs_t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
@@ -315,7 +315,7 @@ def _bwd_kernel(
     L, DIM, DPG, n_chunks, CPS, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An,
-    s_hb, s_hd, s_hn,
+    s_hb, s_hd, s_hn, s_hc,
     s_dBb, s_dBg, s_dBn, s_dCb, s_dCg, s_dCn,
     N: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -356,7 +356,7 @@ def _bwd_kernel(
         mask_t = in_step & (offs_t < L)
         mask = mask_d[:, None] & mask_t[None, :]
         row = offs_d[:, None]
-        hc = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c, mask=mask_d[:, None], other=0.0)
+        hc = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c * s_hc, mask=mask_d[:, None], other=0.0)
         u = tl.load(u_ptr + b * s_ub + row * s_ud + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
         dt_raw = tl.load(dt_ptr + b * s_tb + row * s_td + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + b * s_gb + row * s_gd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -480,11 +480,11 @@ def _pick(tile, t_idx, t: tl.constexpr):
 
 @triton.jit
 def _seq_program(A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An,
-                 N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """What a sequential-forward program (channel tile, batch, segment) starts from: its batch and
-    segment, channels, group, index vectors, Δ bias, A·log2(e), and its segment's positions."""
+                 N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr, SEG0: tl.constexpr):
+    """What a sequential program (channel tile, batch, segment SEG0 + grid index) starts from: its batch
+    and segment, channels, group, index vectors, Δ bias, A·log2(e), and its segment's positions."""
     b = tl.program_id(1).to(tl.int64)
-    seg = tl.program_id(2)
+    seg = tl.program_id(2) + SEG0
     d0 = tl.program_id(0) * BLOCK_D
     offs_d = d0 + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
@@ -505,7 +505,7 @@ def _fwd_seq_summary_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
-        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS)
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
     X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     Q = tl.where(mask_d[:, None], 1.0, 0.0) + X  # channels past DIM start at zero: they never hold the loop
     i = (end - start + STEP - 1) // STEP - 1
@@ -533,14 +533,14 @@ def _fwd_seq_kernel(
     L, DIM, DPG, SEG_LEN, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
-    s_hb, s_hd, s_hn,
+    s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
-        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS)
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     h = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
@@ -566,7 +566,7 @@ def _fwd_seq_kernel(
             # the state entering every chunk of STEP·SAVE_EVERY positions (the scan backward's chunks)
             if (pos0 // STEP) % SAVE_EVERY == 0:
                 c = pos0 // (STEP * SAVE_EVERY)
-                tl.store(hs_ptr + b * s_hb + offs_d[:, None] * s_hd + n_idx[None, :] * s_hn + c, h, mask=mask_d[:, None])
+                tl.store(hs_ptr + b * s_hb + offs_d[:, None] * s_hd + n_idx[None, :] * s_hn + c * s_hc, h, mask=mask_d[:, None])
         dtu = dt * u
         if HAS_D:
             y = Dv[:, None] * u
@@ -613,6 +613,244 @@ def _fwd_seq_kernel(
         if seg == n_seg - 1:
             lp = last_ptr + b * DIM * N + offs_d[:, None] * N + n_idx[None, :]
             tl.store(lp, h, mask=mask_d[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, sequential in time (the default wherever the sequential forward runs)
+#
+# A program owns BLOCK_D channels × all states of one batch element and one segment, one warp, and
+# walks its segment's blocks (STEP positions: TB, or one LB window) from the last to the first.
+# The forward saved the state entering every block. Per block:
+# - a walk forward from that state recomputes a_t and h_t and keeps every h_t (a tuple of tiles:
+#   registers), and for LB the window's μ_t = dH_t + a_{t-1} μ_{t-1} (μ restarts at the window start);
+# - a walk back computes λ_t = dH_t + a_{t+1} λ_{t+1} (the carry ρ = a_{t+1} λ_{t+1} comes from the
+#   block after, and into the segment's last block from the summaries of the segments after it),
+#   for LB r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
+# Two exponentials per element-state, no scans. The sums over states (dΔ, du, y for dz) and over the
+# tile's channels (dB, dC) are `tl.sum`s of the (BLOCK_D, state) tile; B_t and C_t are read as rows of
+# transposed copies, and dB, dC are added into transposed (batch, groups, length, state) buffers,
+# one row per position and program.
+#
+# The summary kernel gives each segment s > 0 its effect on the carry that leaves it to the left,
+# ρ_out = K·ρ_in + J with K = Π_t a_t and J = Σ_t (Π_{k≤t} a_k) dH_t over the segment, walking it
+# forward from its start; like the forward's summary it stops once every running product is below
+# 2^-64.
+
+
+@triton.jit
+def _bwd_seq_summary_kernel(
+    u_ptr, dt_ptr, A_ptr, Ct_ptr, z_ptr, bias_ptr, dout_ptr, sk_ptr, sj_ptr,
+    L, DIM, DPG, SEG_LEN, n_seg,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd, s_Cb, s_Cg, s_Ad, s_An,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 1)
+    J = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    R = tl.where(mask_d[:, None], 1.0, 0.0) + J  # channels past DIM start at zero: they never hold the loop
+    base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
+    pos0 = start
+    go = pos0 < end
+    while go:
+        dt, _, _, dy, _, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b,
+                                        s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, STEP, HAS_Z, HAS_BIAS, SOFTPLUS)
+        row_c = base_c + pos0.to(tl.int64) * N
+        for t in tl.static_range(STEP):
+            R = R * tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
+            J += R * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
+        pos0 += STEP
+        go = (pos0 < end) & (tl.max(tl.max(R, axis=1), axis=0) >= SUMMARY_CUTOFF)
+    off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
+    tl.store(sk_ptr + off, R, mask=mask_d[:, None])
+    tl.store(sj_ptr + off, J, mask=mask_d[:, None])
+
+
+@triton.jit
+def _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b,
+               s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd,
+               STEP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               VEC: tl.constexpr = 0):
+    """A block's inputs as (BLOCK_D, TB) tiles: Δ (after bias and softplus), Δ before softplus, u,
+    dy = dout·silu(z) and the gate's factor for dz (dz = y · G); 0 past the block or the segment.
+
+    VEC > 0 tells the compiler only VEC positions are contiguous, so rows load as VEC-wide vectors
+    and a tile's layout spreads a channel over more lanes (the sequential backward's state layout)."""
+    if VEC > 0:
+        pos = pos0 + (t_idx // VEC) * VEC + t_idx % VEC
+    else:
+        pos = pos0 + t_idx
+    mask = mask_d[:, None] & ((t_idx < STEP) & (pos < end))[None, :]
+    row = offs_d[:, None]
+    u = tl.load(u_ptr + b * s_ub + row * s_ud + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + b * s_tb + row * s_td + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask, dt, 0.0)
+    dout = tl.load(dout_ptr + b * s_gb + row * s_gd + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * s_zb + row * s_zd + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        dy = dout * z * sig
+        G = dout * sig * (1.0 + z * (1.0 - sig))
+    else:
+        dy = dout
+        G = dout
+    return dt, raw, u, dy, G, mask
+
+
+@triton.jit
+def _bwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, hs_ptr, sk_ptr, sj_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dBt_ptr, dCt_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    L, DIM, DPG, SEG_LEN, n_seg,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd,
+    s_dub, s_dud, s_dtb, s_dtd, s_dzb, s_dzd,
+    s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
+    s_hb, s_hd, s_hn, s_hc,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
+    SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
+        A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
+    NSUB: tl.constexpr = (STEP + SUB - 1) // SUB
+    r_idx = tl.arange(0, SUBP)
+    row = offs_d[:, None]
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    # ρ = a_{t+1} λ_{t+1} entering the segment's last position: fold the summaries of the segments after it
+    rho = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
+    for i in range(0, n_seg - 1 - seg):
+        s2 = n_seg - 1 - i
+        ks_ = tl.load(sk_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        js_ = tl.load(sj_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        rho = ks_ * rho + js_
+    base_b = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
+    base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
+    n_blocks = (end - start + STEP - 1) // STEP
+    for i in range(0, n_blocks):
+        pos0 = start + (n_blocks - 1 - i) * STEP
+        blk_end = tl.minimum(pos0 + STEP, end)
+        h0 = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + (pos0 // STEP) * s_hc, mask=mask_d[:, None], other=0.0)
+        r = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+        b_next = r
+        for jj in range(0, NSUB):
+            # sub-blocks from the last; a runtime loop, so the compiler keeps one sub-block's values, not the block's
+            ps = pos0 + (NSUB - 1 - jj) * SUB
+            # walk forward from the block's start to this sub-block: h, and for LB μ (restarts at the window's start)
+            h = h0
+            mu = r * 0.0
+            a_prev = mu
+            for j2 in range(0, NSUB - 1 - jj):
+                pw = pos0 + j2 * SUB
+                dt, _, u, dy, _, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, pw, t_idx, offs_d, mask_d, blk_end, b,
+                                                s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, SUB, HAS_Z, HAS_BIAS, SOFTPLUS, VEC)
+                dtu = dt * u
+                row_b = base_b + pw.to(tl.int64) * N
+                row_c = base_c + pw.to(tl.int64) * N
+                for t in tl.static_range(SUB):
+                    a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
+                    h = a * h + _pick(dtu, t_idx, t)[:, None] * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                    if WINDOW > 0:
+                        mu = _pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                        a_prev = a
+            # the sub-block itself: walk forward keeping h_t (and μ_t), then back
+            dt, _, u, dy, _, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, ps, t_idx, offs_d, mask_d, blk_end, b,
+                                            s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, SUB, HAS_Z, HAS_BIAS, SOFTPLUS, VEC)
+            dtu = dt * u
+            row_b = base_b + ps.to(tl.int64) * N
+            row_c = base_c + ps.to(tl.int64) * N
+            hist = ()
+            mus = ()
+            for t in tl.static_range(SUB):
+                a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
+                h = a * h + _pick(dtu, t_idx, t)[:, None] * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                hist = hist + (h,)
+                if WINDOW > 0:
+                    mu = _pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                    mus = mus + (mu,)
+                    a_prev = a
+            sb_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)  # Σ_n dbx·B per position
+            sq_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)  # Σ_n q·A2
+            y_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)   # Σ_n C·H (the output before D and the gate)
+            dB_rows = tl.zeros((SUBP, N), dtype=tl.float32)
+            dC_rows = tl.zeros((SUBP, N), dtype=tl.float32)
+            for k in tl.static_range(SUB):
+                t = SUB - 1 - k
+                dt_c = _pick(dt, t_idx, t)[:, None]
+                dtu_c = _pick(dtu, t_idx, t)[:, None]
+                dy_c = _pick(dy, t_idx, t)[:, None]
+                Bt = tl.load(row_b + t * N).to(tl.float32)[None, :]
+                Ct = tl.load(row_c + t * N).to(tl.float32)[None, :]
+                dH = dy_c * Ct
+                lam = dH + rho
+                a = tl.exp2(dt_c * A2)
+                rho = a * lam
+                bx = dtu_c * Bt
+                ht = hist[SUB - 1 - k]
+                if WINDOW > 0:
+                    r = a * (r + b_next)  # 0 at the window's end: r and b_next start at 0 in every block
+                    b_next = bx
+                    mu = mus[SUB - 1 - k]
+                    dbx = lam + mu - dH
+                    q = lam * (ht - bx) + mu * r
+                    Hf = ht + r
+                else:
+                    dbx = lam
+                    q = lam * (ht - bx)
+                    Hf = ht
+                dA_acc += q * dt_c
+                sel = t_idx[None, :] == t
+                sb_t = tl.where(sel, tl.sum(dbx * Bt, axis=1)[:, None], sb_t)
+                sq_t = tl.where(sel, tl.sum(q * A2, axis=1)[:, None], sq_t)
+                if HAS_Z:
+                    y_t = tl.where(sel, tl.sum(Hf * Ct, axis=1)[:, None], y_t)
+                rsel = r_idx[:, None] == t
+                dB_rows = tl.where(rsel, tl.sum(dbx * dtu_c, axis=0)[None, :], dB_rows)
+                dC_rows = tl.where(rsel, tl.sum(dy_c * Hf, axis=0)[None, :], dC_rows)
+            # the sub-block's outputs; u, Δ before softplus and the gate are read again after the first
+            # store (the compiler cannot keep them across it), so they hold no registers during the walks
+            pos = ps + t_idx
+            mask = mask_d[:, None] & ((t_idx < SUB) & (pos < blk_end))[None, :]
+            du = dt * sb_t
+            if HAS_D:
+                du += Dv[:, None] * dy
+            tl.store(du_ptr + b * s_dub + row * s_dud + pos[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+            _, raw, u, _, G, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, ps, t_idx, offs_d, mask_d, blk_end, b,
+                                            s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, SUB, HAS_Z, HAS_BIAS, SOFTPLUS, VEC)
+            ddt = sq_t * 0.6931471805599453 + u * sb_t  # Σ q·A = ln 2 · Σ q·A2
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            if HAS_D:
+                dD_acc += tl.sum(dy * u, axis=1)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(tl.where(mask, ddt, 0.0), axis=1)
+            tl.store(ddt_ptr + b * s_dtb + row * s_dtd + pos[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+            if HAS_Z:
+                if HAS_D:
+                    y_t += Dv[:, None] * u
+                tl.store(dz_ptr + b * s_dzb + row * s_dzd + pos[None, :], (y_t * G).to(dz_ptr.dtype.element_ty), mask=mask)
+            # the sub-block's rows of dB and dC (summed over the tile's channels), one add per element
+            rpos = ps + r_idx
+            rmask = ((r_idx < SUB) & (rpos < blk_end))[:, None]
+            roff = rpos.to(tl.int64)[:, None] * N + n_idx[None, :]
+            tl.atomic_add(dBt_ptr + b * s_Bb + g * s_Bg + roff, dB_rows, mask=rmask, sem="relaxed")
+            tl.atomic_add(dCt_ptr + b * s_Cb + g * s_Cg + roff, dC_rows, mask=rmask, sem="relaxed")
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx[None, :], dA_acc, mask=mask_d[:, None])
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,10 +904,14 @@ def _segments(n_chunks: int, programs: int, num_warps: int, device: torch.device
 
 # Which forward runs: "auto" (sequential where `_seq_fits`, else scan), "seq" or "scan" (tests, benchmarks).
 FORWARD = "auto"
+# Which backward runs: "auto" (sequential wherever the sequential forward runs, else scan) or "scan".
+BACKWARD = "auto"
 SEQ_MAX_STATE = 64
 SEQ_MAX_WINDOW = 16
 # Warps the sequential forward asks per SM before it splits the length into more segments.
 SEQ_WARPS_PER_SM = 16
+# The same for the sequential backward.
+BWD_SEQ_WARPS_PER_SM = 32
 
 # Tests set this to fill outputs with NaN before each launch, so unwritten elements show.
 POISON_OUTPUTS = False
@@ -678,6 +920,23 @@ POISON_OUTPUTS = False
 # (scan chunks per segment).
 TILE_OVERRIDE: dict | None = None
 
+
+
+def _saved_states(batch: int, dim: int, Np: int, n_chunks: int, device) -> torch.Tensor:
+    """The states the forward saves for the backward, indexed (batch, dim, state, chunk) but laid out
+    (batch, chunk, dim, state): a chunk's states are one contiguous slab, so saving them is a
+    coalesced store of every channel's row rather than one scattered 4-byte store per element."""
+    return torch.empty((batch, n_chunks, dim, Np), device=device, dtype=torch.float32).permute(0, 2, 3, 1)
+
+
+# Registers and spills of the last compiled launch of each kernel (benchmarks print them).
+KERNEL_RESOURCES: dict = {}
+
+
+def _note_kernel(name: str, kern) -> None:
+    regs, spills = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
+    if regs is not None:
+        KERNEL_RESOURCES[name] = dict(regs=regs, spills=spills)
 
 
 def _out_like(t: torch.Tensor) -> torch.Tensor:
@@ -740,16 +999,29 @@ def _pad_state(A, B4, C4, Np):
 def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
     """The forward: sequential kernels where they fit (`FORWARD`), else the scan kernels.
 
-    Returns out, saved chunk states (or None), last state (or None), and the scan kernels' config,
-    whose chunks index the saved states for the backward.
+    Returns out, saved states (or None), last state (or None), and a config for the backward: the
+    scan kernels' config, whose chunks index the saved states, with "bwd" = "scan"; or, where the
+    sequential backward runs, its config with "bwd" = "seq" (states saved at every one of its blocks).
     """
     N = A.shape[1]
     Np = triton.next_power_of_2(N)
     use_seq = FORWARD == "seq" or (FORWARD == "auto" and _seq_fits(Np, window))
+    tiles = TILE_OVERRIDE or {}
     if use_seq:
-        return _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
-                        cfg=cfg, seq_override=(TILE_OVERRIDE or {}).get("seq"))
-    return _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=cfg)
+        seq_override = tiles.get("seq")
+        bwd_seq = None
+        if save_states and BACKWARD == "auto":
+            batch, dim, _ = u.shape
+            bwd_seq = _bwd_seq_config(dim, B4.shape[1], Np, window, tiles.get("bwd_seq"))
+            # the forward walks blocks of the backward's size and saves the state entering each
+            seq_override = {**(seq_override or {}), "TB": bwd_seq["STEP"]}
+        out, hs, last, scan_cfg = _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states,
+                                           save_last, cfg=cfg, seq_override=seq_override,
+                                           save_every_block=bwd_seq is not None)
+        return out, hs, last, ({**bwd_seq, "bwd": "seq"} if bwd_seq is not None else {**scan_cfg, "bwd": "scan"})
+    out, hs, last, scan_cfg = _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
+                                        cfg=cfg)
+    return out, hs, last, {**scan_cfg, "bwd": "scan"}
 
 
 def _seq_fits(Np: int, window: int | None) -> bool:
@@ -759,13 +1031,44 @@ def _seq_fits(Np: int, window: int | None) -> bool:
     return Np <= SEQ_MAX_STATE
 
 
+def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override: dict | None) -> dict:
+    """The sequential backward's blocks and tiles.
+
+    A block is STEP positions (TB = 16, or one LB window), loaded as (BLOCK_D, TB) tiles; the forward
+    saves the state entering every block. A block is walked in sub-blocks of SUB positions from the
+    last: the walk forward keeps h_t (and μ_t for LB) of a sub-block's positions in registers, so
+    SUB bounds them; each sub-block but the first costs a walk from the block's start (2.5
+    exponentials per element-state at SUB = STEP / 2 instead of 2). BLOCK_D follows the tile: rows of
+    TB 16-bit values load as 16-byte vectors, TB/8 lanes per channel.
+    """
+    override = override or {}
+    step = int(window) if window else int(override.get("TB", 16))
+    sub = min(step, int(override.get("SUB", step if step <= 8 else -(-step // 2))))
+    # tiles of at least 16 positions (of which SUB are used), read as VEC-wide vectors: TB/VEC lanes per
+    # channel, and the state tile (BLOCK_D, state) follows that layout with state/(TB/VEC) states per thread
+    tb = max(16, triton.next_power_of_2(sub))
+    vec = int(override.get("VEC", 4))
+    num_warps = int(override.get("num_warps", 1))
+    lanes = tb // (vec or 8)
+    block_d = int(override.get("BLOCK_D", 32 * num_warps // lanes))
+    dpg = dim // groups
+    if groups > 1:
+        while block_d > 1 and dpg % block_d:
+            block_d //= 2
+    else:
+        block_d = min(block_d, triton.next_power_of_2(dim))
+    return dict(BLOCK_D=block_d, STEP=step, SUB=sub, TB=tb, VEC=vec, num_warps=num_warps, SEG=override.get("SEG"),
+                maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)))
+
+
 def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override: dict | None) -> dict:
     """Block of TB positions (STEP of them live): one window for LB; BLOCK_D channels for one warp."""
     if window:
         step, tb = window, triton.next_power_of_2(window)
     else:
-        tb = (override or {}).get("TB", 16)
-        step = tb
+        # blocks of TB positions (any count: the sequential backward's blocks need not be a power of two)
+        step = (override or {}).get("TB", 16)
+        tb = triton.next_power_of_2(step)
     if chunk % step:
         raise TritonScanError(f"internal: scan chunk {chunk} is not a multiple of the sequential block {step}")
     num_warps = (override or {}).get("num_warps", 1)
@@ -785,13 +1088,18 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", True)))
 
 
-def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None):
+def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None,
+             save_every_block=False):
+    """The sequential forward. States are saved entering every scan chunk (for the scan backward), or
+    with `save_every_block` entering every one of its own blocks (for the sequential backward)."""
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     if dim % groups:
         raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
     scan_cfg = _config(dim, groups, N, window, backward=False, override=cfg)
     chunk = scan_cfg["STEP"]
+    if save_every_block:
+        chunk = window if window else (seq_override or {}).get("TB", 16)
     sc = _seq_config(dim, groups, window, chunk, seq_override)
     bd, nw = sc["BLOCK_D"], sc["num_warps"]
     n_chunks = triton.cdiv(L, chunk)
@@ -810,7 +1118,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
     out = _out_like(u)
     f32 = dict(device=u.device, dtype=torch.float32)
-    hs = torch.empty((batch, dim, Np, n_chunks), **f32) if save_states else out
+    hs = _saved_states(batch, dim, Np, n_chunks, u.device) if save_states else out
     last = torch.empty((batch, dim, Np), **f32) if save_last else out
     sx = torch.empty((batch, dim, Np, n_seg), **f32)
     sp = torch.empty((batch, dim, Np, n_seg), **f32)
@@ -829,7 +1137,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         L, dim, dim // groups, seg_len, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
-        hs.stride(0) if save_states else 0, hs.stride(1) if save_states else 0, hs.stride(2) if save_states else 0,
+        *(hs.stride() if save_states else (0, 0, 0, 0)),
         **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"],
         HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
@@ -852,7 +1160,7 @@ def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_stat
     A, B4, C4 = _pad_state(A, B4, C4, Np)
     out = _out_like(u)
     f32 = dict(device=u.device, dtype=torch.float32)
-    hs = torch.empty((batch, dim, Np, n_chunks), **f32) if save_states else out
+    hs = _saved_states(batch, dim, Np, n_chunks, u.device) if save_states else out
     last = torch.empty((batch, dim, Np), **f32) if save_last else out
     sx = torch.empty((batch, dim, Np, n_seg), **f32)
     sp = torch.empty((batch, dim, Np, n_seg), **f32)
@@ -872,7 +1180,7 @@ def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_stat
         L, dim, dim // groups, n_chunks, cps, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), A.stride(0), A.stride(1),
-        hs.stride(0) if save_states else 0, hs.stride(1) if save_states else 0, hs.stride(2) if save_states else 0,
+        *(hs.stride() if save_states else (0, 0, 0, 0)),
         N=Np, BLOCK_D=bd, T=T, STEP=step, WINDOW=int(window or 0),
         HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
@@ -881,7 +1189,9 @@ def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_stat
 
 
 def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None):
-    """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks index `hs`)."""
+    """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks or blocks index `hs`)."""
+    if fwd_cfg["bwd"] == "seq":
+        return _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg)
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     Np = hs.shape[2]
@@ -922,10 +1232,69 @@ def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_
         L, dim, dim // groups, n_chunks, cps, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), A.stride(0), A.stride(1),
-        hs.stride(0), hs.stride(1), hs.stride(2),
+        hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
         N=Np, BLOCK_D=bd, T=T, STEP=step, WINDOW=int(window or 0), HAS_D=D is not None, **flags, num_warps=nw,
     )
+    return du, ddt, dA[:, :N], dB[:, :, :N], dC[:, :, :N], dD, dz, dbias
+
+
+def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc):
+    """Launch the sequential backward; `sc` is its config, whose blocks index the saved states `hs`."""
+    batch, dim, L = u.shape
+    groups, N = B4.shape[1], A.shape[1]
+    Np = hs.shape[2]
+    bd, step, nw = sc["BLOCK_D"], sc["STEP"], sc["num_warps"]
+    n_blocks = hs.shape[3]
+    d_tiles = triton.cdiv(dim, bd)
+    if sc["SEG"] is not None:
+        cps = max(1, int(sc["SEG"]))
+    else:
+        cps, _ = _segments(n_blocks, d_tiles * batch, nw, u.device, None, warps_per_sm=sc["WARPS_PER_SM"])
+    n_seg = triton.cdiv(n_blocks, cps)
+    seg_len = cps * step
+    A, B4, C4 = _pad_state(A, B4, C4, Np)
+    pad_rows = (0, 0, 0, step)
+    Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
+    Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
+    dout = _rows(dout)
+    du = _out_like(u)
+    ddt = _out_like(delta)
+    dz = _out_like(z) if z is not None else None
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA = torch.zeros((dim, Np), **f32)
+    dBt = torch.zeros(Bt.shape, **f32)
+    dCt = torch.zeros(Ct.shape, **f32)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    sk = torch.empty((batch, dim, Np, n_seg), **f32)
+    sj = torch.empty((batch, dim, Np, n_seg), **f32)
+    zz = z if z is not None else u
+    dzz = dz if dz is not None else du
+    bias = delta_bias if delta_bias is not None else u
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    if n_seg > 1:
+        _bwd_seq_summary_kernel[(d_tiles, batch, n_seg - 1)](
+            u, delta, A, Ct, zz, bias, dout, sk, sj, L, dim, dim // groups, seg_len, n_seg,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
+            dout.stride(0), dout.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
+            N=Np, BLOCK_D=bd, TB=triton.next_power_of_2(step), STEP=step, **flags, num_warps=nw,
+        )
+    kern = _bwd_seq_kernel[(d_tiles, batch, n_seg)](
+        u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, dout, hs, sk, sj,
+        du, ddt, dA, dBt, dCt, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA,
+        L, dim, dim // groups, seg_len, n_seg,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
+        du.stride(0), du.stride(1), ddt.stride(0), ddt.stride(1), dzz.stride(0), dzz.stride(1),
+        Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
+        hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
+        N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=triton.next_power_of_2(sc["SUB"]),
+        WINDOW=int(window or 0), VEC=sc["VEC"],
+        HAS_D=D is not None, **flags, num_warps=nw, **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
+    )
+    _note_kernel("bwd_seq", kern)
+    dB = dBt[:, :, :L].transpose(2, 3)
+    dC = dCt[:, :, :L].transpose(2, 3)
     return du, ddt, dA[:, :N], dB[:, :, :N], dC[:, :, :N], dD, dz, dbias
 
 

@@ -17,7 +17,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16, "CPS": 2}, "bwd": {"BLOCK_D": 2, "CPS": 3},
-               "seq": {"BLOCK_D": 4, "TB": 4, "SEG": 1}}
+               "seq": {"BLOCK_D": 4, "TB": 4, "SEG": 1}, "bwd_seq": {"TB": 8, "SUB": 3, "SEG": 2}}
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +193,46 @@ def test_sequential_and_scan_forwards_agree(direction, window, prefetch, small_t
         results[impl] = _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
     out_seq, out_scan = results["seq"][0], results["scan"][0]
     assert _rel(out_seq, out_scan) < 1e-5
+
+
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4), ("local_bidirectional", 16)])
+@pytest.mark.parametrize("bwd", [{"TB": 16, "SUB": 8, "SEG": 1}, {"TB": 8, "SUB": 8, "SEG": 3}, {"TB": 6, "SUB": 4, "SEG": 2},
+                                 {"TB": 16, "SUB": 5, "SEG": 2, "BLOCK_D": 2}])
+def test_sequential_backward_blocks_sub_blocks_and_segments(direction, window, bwd, monkeypatch):
+    """The sequential backward walks blocks (the forward's saved states) in sub-blocks from the last, each
+    needing a walk from its block's start, and segments chained by summaries: every split of the
+    length gives the reference's gradients. Plain blocks of 16/8/6 positions, sub-blocks that do and
+    do not divide them; LB windows of 4 (inside a sub-block) and 16 (two sub-blocks of 8 or 5)."""
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd})
+    args = _inputs(2, 5, 77, 8)
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+
+
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4)])
+def test_sequential_forward_feeds_the_scan_backward(direction, window, small_tiles, monkeypatch):
+    # BACKWARD = "scan": the sequential forward saves states at the scan kernels' chunks instead
+    monkeypatch.setattr(ks, "BACKWARD", "scan")
+    calls = []
+    monkeypatch.setattr(ks, "_bwd_seq", lambda *a, **k: calls.append(1))
+    args = _inputs(2, 6, 50, 4)
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+    assert not calls
+
+
+def test_backward_summaries_wait_for_the_slowest_state(monkeypatch):
+    """The backward's segment summary walks forward from the segment's start and stops once every
+    decay product is below 2^-64. One barely-decaying state among fast ones must hold it: its
+    adjoint carries gradient from the later segments back across every boundary."""
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": {"TB": 4, "SUB": 4, "SEG": 2, "BLOCK_D": 4}})
+    args = _inputs(1, 6, 160, 4, z=False, D=False)
+    args["A"] = torch.full_like(args["A"], -60.0)
+    args["A"][4, 2] = -1e-3
+    args["delta"] = args["delta"].abs() + 0.5
+    _, g = _compare(args, 1e-5, delta_softplus=True, direction="forward")
+    # the slow state really carries gradient across segments: without it, its channel's gradients change
+    cut = {**args, "A": args["A"].clamp(max=-60.0)}
+    _, g_cut = _run(ks.selective_scan, cut, _grad_like(cut), delta_softplus=True, direction="forward")
+    assert _rel(g_cut["u"][:, 4], g["u"][:, 4]) > 1e-2
 
 
 @pytest.mark.parametrize("seg", [1, 2])
