@@ -1288,7 +1288,7 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
         du.stride(0), du.stride(1), ddt.stride(0), ddt.stride(1), dzz.stride(0), dzz.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
-        N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=triton.next_power_of_2(sc["SUB"]),
+        N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=max(2, triton.next_power_of_2(sc["SUB"])),  # a 1-row tile trips the interpreter
         WINDOW=int(window or 0), VEC=sc["VEC"],
         HAS_D=D is not None, **flags, num_warps=nw, **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
