@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="batch,dim,state,length[;...] instead of the issue's four shapes")
     ap.add_argument("--sweep-forward-only", action="store_true", help="--sweep: time the forward passes only")
     ap.add_argument("--sweep-backward-only", action="store_true", help="--sweep: time the backward passes only")
+    ap.add_argument("--memory", action="store_true",
+                    help="also report the peak GPU memory of one forward + backward per direction, sequential "
+                         "and scan backward, at --sweep-shape")
     ap.add_argument("--forwards", default="seq,scan",
                     help="forward kernels to time in the shape table (both in one process): seq, scan")
     args = ap.parse_args()
@@ -191,6 +194,29 @@ def main() -> None:
                            op="fwd", pass_="bwd" if backward else "fwd", ms=round(ms, 4))
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
+        del a
+        torch.cuda.empty_cache()
+
+    if args.memory:
+        batch, dim, state, length = (int(v) for v in args.sweep_shape.split(","))
+        a = make(batch, dim, state, length)
+        base = torch.cuda.memory_allocated()
+        for backward_kind in ("auto", "scan"):
+            ks.BACKWARD = backward_kind
+            for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
+                leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in a.items()}
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                out = triton_fn(**leaves, delta_softplus=True, direction=direction, window=window)
+                torch.autograd.grad(out, [v for v in leaves.values() if v.requires_grad], torch.ones_like(out))
+                torch.cuda.synchronize()
+                rec = dict(kind="memory", device=dev, date=today, shape=f"B{batch} D{dim} N{state} L{length}", op=label,
+                           backward="seq" if backward_kind == "auto" else "scan",
+                           peak_gib_above_inputs=round((torch.cuda.max_memory_allocated() - base) / 2**30, 3))
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+                del out, leaves
+        ks.BACKWARD = "auto"
         del a
         torch.cuda.empty_cache()
 

@@ -10,11 +10,13 @@ calls `selective_scan` below with validated arguments. Shapes (mamba-ssm layout)
 
 How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
 
-- The forward that runs by default (`FORWARD = "auto"`, state ≤ 64 and LB windows ≤ 16) is the
-  sequential one further down: each thread walks the length position by position for its channel
-  and states. The scan-based forward below is the fallback for larger states and windows, and its
-  chunked layout of saved states is what the backward reads (the sequential forward writes the same).
-- Scan-based forward and the backward: one program owns a tile of BLOCK_D channels of one batch
+- The forward and backward that run by default (`FORWARD = BACKWARD = "auto"`, state ≤ 64 and LB
+  windows ≤ 16) are the sequential ones further down: each thread walks the length position by
+  position for its channel and states, the backward in blocks from the end, recomputing h from the
+  state the forward saved entering each block. The scan-based kernels below are the fallback for
+  larger states and windows (`BACKWARD = "scan"` pairs the sequential forward with the scan backward;
+  the forward then saves states at the scan chunks instead).
+- Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
   h_t = a_t h_{t-1} + b_t is an associative scan along T. Nothing of size (batch, dim, length,
@@ -22,7 +24,7 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
 - Local bidirectionality rides on the same a and b: g_t = ã_t g_{t+1} + b_t is a reverse scan with
   ã = a except 0 at every window end, and H_t = h_t + a_t g_{t+1} = h_t + g_t - b_t needs no shift.
   Chunks advance by a whole number of windows, so windows never straddle chunks.
-- The forward saves the state entering every chunk; the backward walks chunks in reverse,
+- The scan forward saves the state entering every chunk; the scan backward walks chunks in reverse,
   recomputes h from those states, and gets the adjoints from scans whose combine functions fold
   in the one-step shift the adjoint recurrences need (λ_t = dH_t + a_{t+1} λ_{t+1} and, for the
   window term, μ_t = dH_t + ã_{t-1} μ_{t-1}), so no extra exponentials and no register shifts.
@@ -461,6 +463,17 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _positions(pos0, t_idx, VEC: tl.constexpr):
+    """pos0 + t_idx; with VEC > 0 written so the compiler sees runs of only VEC contiguous positions,
+    so a (channels, positions) tile of 16-bit values loads as VEC-wide vectors and its layout spreads a
+    channel's positions (and the state tile that follows the layout, its states) over more lanes.
+    The sequential backward uses VEC = 4 (4 states per thread instead of 8: half the registers)."""
+    if VEC > 0:
+        return pos0 + (t_idx // VEC) * VEC + t_idx % VEC
+    return pos0 + t_idx
+
+
+@triton.jit
 def _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, s_ub, s_ud, s_tb, s_td,
                       STEP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     pos = pos0 + t_idx
@@ -674,12 +687,8 @@ def _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, pos0, t_idx, offs_d, mask_d
     """A block's inputs as (BLOCK_D, TB) tiles: Δ (after bias and softplus), Δ before softplus, u,
     dy = dout·silu(z) and the gate's factor for dz (dz = y · G); 0 past the block or the segment.
 
-    VEC > 0 tells the compiler only VEC positions are contiguous, so rows load as VEC-wide vectors
-    and a tile's layout spreads a channel over more lanes (the sequential backward's state layout)."""
-    if VEC > 0:
-        pos = pos0 + (t_idx // VEC) * VEC + t_idx % VEC
-    else:
-        pos = pos0 + t_idx
+    VEC: see `_positions` (the sequential backward's tiles load 4-wide, so a thread holds 4 states)."""
+    pos = _positions(pos0, t_idx, VEC)
     mask = mask_d[:, None] & ((t_idx < STEP) & (pos < end))[None, :]
     row = offs_d[:, None]
     u = tl.load(u_ptr + b * s_ub + row * s_ud + pos[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -1073,6 +1082,7 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
         raise TritonScanError(f"internal: scan chunk {chunk} is not a multiple of the sequential block {step}")
     num_warps = (override or {}).get("num_warps", 1)
     # 16-byte rows of u and Δ per thread: 8 positions of bf16/fp16 per lane, so TB/8 lanes share a channel
+    # (4-wide rows, as the backward uses, measured slower here: kernels/NOTES.md)
     block_d = (override or {}).get("BLOCK_D", 32 * num_warps * 8 // max(8, tb))
     dpg = dim // groups
     if groups > 1:
