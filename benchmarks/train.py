@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--d-state", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
     ap.add_argument("--scan-backend", default="auto", help="selective-scan backend of the Mamba models")
+    ap.add_argument("--triton-backward", default="auto",
+                    help="with the Triton scan: which backward kernels, comma-separated, each Mamba model trained "
+                         "once per kind in this process: auto (sequential where it fits) and/or scan "
+                         "(results of the scan kind are named MODEL+scan-bwd)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -81,10 +85,18 @@ def main(argv: list[str] | None = None) -> dict:
         table = read_labels(labels)
         dataset = BagDataset(FeatureSource(feats), table.slide_ids, table.labels, preload=True)
         results = {}
+        runs = []
         for name in args.models.split(","):
+            kinds = ["auto"] if name == "abmil" else args.triton_backward.split(",")
+            runs += [(name, kind) for kind in kinds]
+        for name, kind in runs:
             kw = {"d_model": args.d_model}
             if name != "abmil":
                 kw.update(d_state=args.d_state, backend=args.scan_backend)
+            if kind != "auto" or args.triton_backward != "auto":
+                from wsimamba.kernels import selective_scan as ks
+
+                ks.BACKWARD = kind
             L.seed_everything(0, verbose=False)
             module = MILModule(name, args.in_dim, 2, kw, lr=1e-4, max_epochs=args.epochs + 1)
             dm = MILDataModule(dataset, list(range(len(dataset))), [], [], seed=0)
@@ -93,10 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
                                 precision=precision, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                                 callbacks=[timer])
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             trainer.fit(module, datamodule=dm)
             timed = timer.seconds[1:]
-            results[name] = {"seconds_per_epoch": statistics.median(timed), "epochs": timed,
-                             "parameters": sum(p.numel() for p in module.model.parameters())}
+            label = name if kind == "auto" else f"{name}+{kind}-bwd"
+            results[label] = {"seconds_per_epoch": statistics.median(timed), "epochs": timed,
+                              "parameters": sum(p.numel() for p in module.model.parameters())}
+            if cuda:
+                results[label]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     base = results.get("abmil", {}).get("seconds_per_epoch")
     for r in results.values():
         r["ratio_to_abmil"] = r["seconds_per_epoch"] / base if base else None
