@@ -138,6 +138,41 @@ def _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N
 
 
 @triton.jit
+def _channel_accumulators(D_ptr, offs_d, mask_d, N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D: tl.constexpr):
+    """A backward program's D for its channels (0 without D) and zeroed accumulators for dA, dD, dΔ-bias."""
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return Dv, tl.zeros((BLOCK_D, N), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+
+@triton.jit
+def _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc, dD_acc, dbias_acc, N: tl.constexpr,
+                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Add a backward program's dA, dD and dΔ-bias (summed over its length) into the outputs."""
+    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx[None, :], dA_acc, mask=mask_d[:, None])
+    if HAS_D:
+        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def _carry_entering(sk_ptr, sj_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The adjoint carry a·λ entering segment `seg` from its right: the summaries c_in = K·c_out + J of
+    the segments after it, folded from the last (both backwards write them in this layout)."""
+    c = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
+    for i in range(0, n_seg - 1 - seg):
+        s2 = n_seg - 1 - i
+        ks_ = tl.load(sk_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        js_ = tl.load(sj_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
+        c = ks_ * c + js_
+    return c
+
+
+@triton.jit
 def _fwd_segment_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, sx_ptr, sp_ptr,
     L, DIM, DPG, n_chunks, CPS, n_seg,
@@ -335,20 +370,9 @@ def _bwd_kernel(
     if WINDOW > 0:
         keep = ((t_idx + 1) % WINDOW) != 0
     bias = _load_bias(bias_ptr, offs_d, mask_d, BLOCK_D, HAS_BIAS)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    # a_s λ_s of the first position after this segment: fold the summaries of the segments after it
-    lc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for i in range(0, n_seg - 1 - seg):
-        s2 = n_seg - 1 - i
-        ks_ = tl.load(sk_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        js_ = tl.load(sj_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        lc = ks_ * lc + js_
+    Dv, dA_acc, dD_acc, dbias_acc = _channel_accumulators(D_ptr, offs_d, mask_d, N, BLOCK_D, HAS_D)
+    # a_s λ_s of the first position after this segment
+    lc = _carry_entering(sk_ptr, sj_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
     ones = tl.full((BLOCK_D, T), 1.0, dtype=tl.float32)
     c_lo = seg * CPS
     c_hi = tl.minimum((seg + 1) * CPS, n_chunks)
@@ -359,25 +383,11 @@ def _bwd_kernel(
         mask = mask_d[:, None] & mask_t[None, :]
         row = offs_d[:, None]
         hc = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + c * s_hc, mask=mask_d[:, None], other=0.0)
-        u = tl.load(u_ptr + b * s_ub + row * s_ud + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_ptr + b * s_tb + row * s_td + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + b * s_gb + row * s_gd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_raw = dt_raw + bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt_raw)
-        else:
-            dt = dt_raw
-        dt = tl.where(mask, dt, 0.0)
+        dt, dt_raw, u, dy, G, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, c * STEP, t_idx, offs_d, mask_d, L, b,
+                                             s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, STEP, HAS_Z, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_zb + row * s_zd + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
-            sig_z = tl.sigmoid(z)
-            dy = dout * z * sig_z
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-        else:
-            dy = dout
-        dy = tl.where(mask, dy, 0.0)
         ddt = tl.zeros((BLOCK_D, T), dtype=tl.float32)
         du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
         for n in tl.static_range(N):
@@ -421,19 +431,14 @@ def _bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 y += Dv[:, None] * u
-            dz = dout * y * sig_z * (1.0 + z * (1.0 - sig_z))
-            tl.store(dz_ptr + b * s_zb + row * s_zd + offs_t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + b * s_zb + row * s_zd + offs_t[None, :], (y * G).to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw)
         if HAS_BIAS:
             dbias_acc += tl.sum(tl.where(mask, ddt, 0.0), axis=1)
         tl.store(du_ptr + b * s_ub + row * s_ud + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddt_ptr + b * s_tb + row * s_td + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx[None, :], dA_acc, mask=mask_d[:, None])
-    if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+    _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc, dD_acc, dbias_acc, N, HAS_D, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,16 +638,18 @@ def _fwd_seq_kernel(
 #
 # A program owns BLOCK_D channels × all states of one batch element and one segment, one warp, and
 # walks its segment's blocks (STEP positions: TB, or one LB window) from the last to the first.
-# The forward saved the state entering every block. Per block:
-# - a walk forward from that state recomputes a_t and h_t and keeps every h_t (a tuple of tiles:
-#   registers), and for LB the window's μ_t = dH_t + a_{t-1} μ_{t-1} (μ restarts at the window start);
-# - a walk back computes λ_t = dH_t + a_{t+1} λ_{t+1} (the carry ρ = a_{t+1} λ_{t+1} comes from the
-#   block after, and into the segment's last block from the summaries of the segments after it),
-#   for LB r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
-# Two exponentials per element-state, no scans. The sums over states (dΔ, du, y for dz) and over the
-# tile's channels (dB, dC) are `tl.sum`s of the (BLOCK_D, state) tile; B_t and C_t are read as rows of
-# transposed copies, and dB, dC are added into transposed (batch, groups, length, state) buffers,
-# one row per position and program.
+# The forward saved the state entering every block. A block is done in sub-blocks of SUB positions,
+# from the last; for each:
+# - a walk forward from the block's saved state to the sub-block (h, and for LB the window's
+#   μ_t = dH_t + a_{t-1} μ_{t-1}, which restarts at the window start), then over the sub-block keeping
+#   every h_t (and μ_t) as a tuple of tiles: registers;
+# - a walk back: λ_t = dH_t + a_{t+1} λ_{t+1} (the carry ρ = a_{t+1} λ_{t+1} comes from the position
+#   after, and into the segment's last block from the summaries of the segments after it), for LB
+#   r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
+# Two exponentials per element-state (2.5 with two sub-blocks per block), no scans. The sums over
+# states (dΔ, du, y for dz) and over the tile's channels (dB, dC) are `tl.sum`s of the (BLOCK_D,
+# state) tile; B_t and C_t are read as rows of transposed copies, and dB, dC are added into
+# transposed (batch, groups, length, state) buffers, one (SUB, state) tile per sub-block and program.
 #
 # The summary kernel gives each segment s > 0 its effect on the carry that leaves it to the left,
 # ρ_out = K·ρ_in + J with K = Π_t a_t and J = Σ_t (Π_{k≤t} a_k) dH_t over the segment, walking it
@@ -730,20 +737,9 @@ def _bwd_seq_kernel(
     NSUB: tl.constexpr = (STEP + SUB - 1) // SUB
     r_idx = tl.arange(0, SUBP)
     row = offs_d[:, None]
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    # ρ = a_{t+1} λ_{t+1} entering the segment's last position: fold the summaries of the segments after it
-    rho = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for i in range(0, n_seg - 1 - seg):
-        s2 = n_seg - 1 - i
-        ks_ = tl.load(sk_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        js_ = tl.load(sj_ptr + soff + s2, mask=mask_d[:, None], other=0.0)
-        rho = ks_ * rho + js_
+    Dv, dA_acc, dD_acc, dbias_acc = _channel_accumulators(D_ptr, offs_d, mask_d, N, BLOCK_D, HAS_D)
+    # ρ = a_{t+1} λ_{t+1} entering the segment's last position
+    rho = _carry_entering(sk_ptr, sj_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
     base_b = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
     base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     n_blocks = (end - start + STEP - 1) // STEP
@@ -758,7 +754,7 @@ def _bwd_seq_kernel(
             ps = pos0 + (NSUB - 1 - jj) * SUB
             # walk forward from the block's start to this sub-block: h, and for LB μ (restarts at the window's start)
             h = h0
-            mu = r * 0.0
+            mu = tl.zeros((BLOCK_D, N), dtype=tl.float32)
             a_prev = mu
             for j2 in range(0, NSUB - 1 - jj):
                 pw = pos0 + j2 * SUB
@@ -779,6 +775,7 @@ def _bwd_seq_kernel(
             dtu = dt * u
             row_b = base_b + ps.to(tl.int64) * N
             row_c = base_c + ps.to(tl.int64) * N
+            h_in = h  # the state entering the sub-block: h_{t-1} of its first position
             hist = ()
             mus = ()
             for t in tl.static_range(SUB):
@@ -807,16 +804,21 @@ def _bwd_seq_kernel(
                 rho = a * lam
                 bx = dtu_c * Bt
                 ht = hist[SUB - 1 - k]
+                # a_t h_{t-1} from the kept states, not h_t - b_t: that difference cancels when a_t is tiny
+                if k < SUB - 1:
+                    ah = a * hist[SUB - 2 - k]
+                else:
+                    ah = a * h_in
                 if WINDOW > 0:
                     r = a * (r + b_next)  # 0 at the window's end: r and b_next start at 0 in every block
                     b_next = bx
                     mu = mus[SUB - 1 - k]
                     dbx = lam + mu - dH
-                    q = lam * (ht - bx) + mu * r
+                    q = lam * ah + mu * r
                     Hf = ht + r
                 else:
                     dbx = lam
-                    q = lam * (ht - bx)
+                    q = lam * ah
                     Hf = ht
                 dA_acc += q * dt_c
                 sel = t_idx[None, :] == t
@@ -855,15 +857,21 @@ def _bwd_seq_kernel(
             roff = rpos.to(tl.int64)[:, None] * N + n_idx[None, :]
             tl.atomic_add(dBt_ptr + b * s_Bb + g * s_Bg + roff, dB_rows, mask=rmask, sem="relaxed")
             tl.atomic_add(dCt_ptr + b * s_Cb + g * s_Cg + roff, dC_rows, mask=rmask, sem="relaxed")
-    tl.atomic_add(dA_ptr + offs_d[:, None] * N + n_idx[None, :], dA_acc, mask=mask_d[:, None])
-    if HAS_D:
-        tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + offs_d, dbias_acc, mask=mask_d)
+    _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc, dD_acc, dbias_acc, N, HAS_D, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
+
+
+def _fit_channels(block_d: int, dim: int, groups: int) -> int:
+    """A channel tile no larger than needed, and (with groups) not straddling two groups: the largest
+    power of two ≤ block_d dividing dim/groups."""
+    if groups > 1:
+        while block_d > 1 and (dim // groups) % block_d:
+            block_d //= 2
+        return block_d
+    return min(block_d, triton.next_power_of_2(dim))
 
 
 def _config(dim: int, groups: int, state: int, window: int | None, backward: bool, override: dict | None = None) -> dict:
@@ -883,13 +891,7 @@ def _config(dim: int, groups: int, state: int, window: int | None, backward: boo
         cps = override.get("CPS")
     if window:
         T = max(T, triton.next_power_of_2(window))
-    dpg = dim // groups
-    if groups > 1:
-        # a tile must not straddle two groups: largest power of two ≤ block_d dividing dim/groups
-        while block_d > 1 and dpg % block_d:
-            block_d //= 2
-    else:
-        block_d = min(block_d, triton.next_power_of_2(dim))
+    block_d = _fit_channels(block_d, dim, groups)
     step = T if not window else (T // window) * window
     if num_warps is None:
         num_warps = max(1, min(8, block_d * T // 256))
@@ -924,9 +926,10 @@ BWD_SEQ_WARPS_PER_SM = 32
 
 # Tests set this to fill outputs with NaN before each launch, so unwritten elements show.
 POISON_OUTPUTS = False
-# Tests and tuning set this ({"fwd": {...}, "bwd": {...}, "seq": {...}}) to force tiles: fwd/bwd (scan
-# kernels) keys BLOCK_D, T, num_warps, CPS; seq (sequential forward) keys BLOCK_D, TB, num_warps, SEG
-# (scan chunks per segment).
+# Tests and tuning set this ({"fwd": {...}, "bwd": {...}, "seq": {...}, "bwd_seq": {...}}) to force tiles:
+# fwd/bwd (scan kernels) keys BLOCK_D, T, num_warps, CPS; seq (sequential forward) keys BLOCK_D, TB,
+# num_warps, SEG (scan chunks per segment), PREFETCH, PREFETCH_BC; bwd_seq (sequential backward) keys
+# TB (plain block), SUB, VEC, BLOCK_D, num_warps, SEG (blocks per segment), WARPS_PER_SM, maxnreg.
 TILE_OVERRIDE: dict | None = None
 
 
@@ -1047,8 +1050,9 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     saves the state entering every block. A block is walked in sub-blocks of SUB positions from the
     last: the walk forward keeps h_t (and μ_t for LB) of a sub-block's positions in registers, so
     SUB bounds them; each sub-block but the first costs a walk from the block's start (2.5
-    exponentials per element-state at SUB = STEP / 2 instead of 2). BLOCK_D follows the tile: rows of
-    TB 16-bit values load as 16-byte vectors, TB/8 lanes per channel.
+    exponentials per element-state at SUB = STEP / 2 instead of 2). The tiles load as VEC-wide rows
+    (`_positions`), so TB/VEC lanes share a channel and BLOCK_D = 32·warps/(TB/VEC) channels fill a warp
+    (8 at the defaults: 4 states per thread at state 16).
     """
     override = override or {}
     step = int(window) if window else int(override.get("TB", 16))
@@ -1060,12 +1064,7 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     num_warps = int(override.get("num_warps", 1))
     lanes = tb // (vec or 8)
     block_d = int(override.get("BLOCK_D", 32 * num_warps // lanes))
-    dpg = dim // groups
-    if groups > 1:
-        while block_d > 1 and dpg % block_d:
-            block_d //= 2
-    else:
-        block_d = min(block_d, triton.next_power_of_2(dim))
+    block_d = _fit_channels(block_d, dim, groups)
     return dict(BLOCK_D=block_d, STEP=step, SUB=sub, TB=tb, VEC=vec, num_warps=num_warps, SEG=override.get("SEG"),
                 maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)))
 
@@ -1084,12 +1083,7 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
     # 16-byte rows of u and Δ per thread: 8 positions of bf16/fp16 per lane, so TB/8 lanes share a channel
     # (4-wide rows, as the backward uses, measured slower here: kernels/NOTES.md)
     block_d = (override or {}).get("BLOCK_D", 32 * num_warps * 8 // max(8, tb))
-    dpg = dim // groups
-    if groups > 1:
-        while block_d > 1 and dpg % block_d:
-            block_d //= 2
-    else:
-        block_d = min(block_d, triton.next_power_of_2(dim))
+    block_d = _fit_channels(block_d, dim, groups)
     return dict(BLOCK_D=block_d, TB=tb, STEP=step, SAVE_EVERY=chunk // step, num_warps=num_warps,
                 SEG=(override or {}).get("SEG"),
                 # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): both prefetches pay for LB,
@@ -1198,6 +1192,23 @@ def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_stat
     return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), cfg
 
 
+def _grad_buffers(u, delta, z, D, delta_bias, softplus, Np, n_seg, b_shape, c_shape):
+    """What a backward launch writes: du, dΔ, dz (poisoned in tests), dA, dB, dC, dD, dΔ-bias (zeroed: the
+    kernels add into them), the segment summaries sk, sj; then stand-ins the kernels take for absent
+    z, dz and bias (never read: the flags say so) and those flags."""
+    batch, dim, _ = u.shape
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = _out_like(u)
+    dz = _out_like(z) if z is not None else None
+    zero_dim = (lambda: torch.zeros(dim, **f32))
+    return (du, _out_like(delta), dz, torch.zeros((dim, Np), **f32), torch.zeros(b_shape, **f32),
+            torch.zeros(c_shape, **f32), zero_dim() if D is not None else None,
+            zero_dim() if delta_bias is not None else None,
+            torch.empty((batch, dim, Np, n_seg), **f32), torch.empty((batch, dim, Np, n_seg), **f32),
+            z if z is not None else u, dz if dz is not None else du, delta_bias if delta_bias is not None else u,
+            dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus)))
+
+
 def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None):
     """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks or blocks index `hs`)."""
     if fwd_cfg["bwd"] == "seq":
@@ -1213,21 +1224,8 @@ def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_
     cps, n_seg = _segments(n_chunks, d_tiles * batch, nw, u.device, cfg["CPS"])
     A, B4, C4 = _pad_state(A, B4, C4, Np)
     dout = _rows(dout)
-    du = _out_like(u)
-    ddt = _out_like(delta)
-    dz = _out_like(z) if z is not None else None
-    f32 = dict(device=u.device, dtype=torch.float32)
-    dA = torch.zeros((dim, Np), **f32)
-    dB = torch.zeros(B4.shape, **f32)
-    dC = torch.zeros(C4.shape, **f32)
-    dD = torch.zeros(dim, **f32) if D is not None else None
-    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
-    sk = torch.empty((batch, dim, Np, n_seg), **f32)
-    sj = torch.empty((batch, dim, Np, n_seg), **f32)
-    zz = z if z is not None else u
-    dzz = dz if dz is not None else du
-    bias = delta_bias if delta_bias is not None else u
-    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    du, ddt, dz, dA, dB, dC, dD, dbias, sk, sj, zz, dzz, bias, flags = _grad_buffers(
+        u, delta, z, D, delta_bias, softplus, Np, n_seg, B4.shape, C4.shape)
     if n_seg > 1:
         _bwd_segment_kernel[(d_tiles, batch, n_seg - 1)](
             u, delta, A, C4, zz, bias, dout, sk, sj,
@@ -1268,21 +1266,9 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
     Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
     dout = _rows(dout)
-    du = _out_like(u)
-    ddt = _out_like(delta)
-    dz = _out_like(z) if z is not None else None
-    f32 = dict(device=u.device, dtype=torch.float32)
-    dA = torch.zeros((dim, Np), **f32)
-    dBt = torch.zeros(Bt.shape, **f32)
-    dCt = torch.zeros(Ct.shape, **f32)
-    dD = torch.zeros(dim, **f32) if D is not None else None
-    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
-    sk = torch.empty((batch, dim, Np, n_seg), **f32)
-    sj = torch.empty((batch, dim, Np, n_seg), **f32)
-    zz = z if z is not None else u
-    dzz = dz if dz is not None else du
-    bias = delta_bias if delta_bias is not None else u
-    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    # dB and dC accumulate in the transposed (batch, groups, length, state) layout of Bt and Ct
+    du, ddt, dz, dA, dBt, dCt, dD, dbias, sk, sj, zz, dzz, bias, flags = _grad_buffers(
+        u, delta, z, D, delta_bias, softplus, Np, n_seg, Bt.shape, Ct.shape)
     if n_seg > 1:
         _bwd_seq_summary_kernel[(d_tiles, batch, n_seg - 1)](
             u, delta, A, Ct, zz, bias, dout, sk, sj, L, dim, dim // groups, seg_len, n_seg,
