@@ -351,6 +351,7 @@ def _bwd_kernel(
     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     L, DIM, DPG, n_chunks, CPS, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd,
+    s_dub, s_dud, s_dtb, s_dtd, s_dzb, s_dzd,
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An,
     s_hb, s_hd, s_hn, s_hc,
     s_dBb, s_dBg, s_dBn, s_dCb, s_dCg, s_dCn,
@@ -431,13 +432,13 @@ def _bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 y += Dv[:, None] * u
-            tl.store(dz_ptr + b * s_zb + row * s_zd + offs_t[None, :], (y * G).to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + b * s_dzb + row * s_dzd + offs_t[None, :], (y * G).to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw)
         if HAS_BIAS:
             dbias_acc += tl.sum(tl.where(mask, ddt, 0.0), axis=1)
-        tl.store(du_ptr + b * s_ub + row * s_ud + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddt_ptr + b * s_tb + row * s_td + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + b * s_dub + row * s_dud + offs_t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddt_ptr + b * s_dtb + row * s_dtd + offs_t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
     _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc, dD_acc, dbias_acc, N, HAS_D, HAS_BIAS)
 
 
@@ -1239,6 +1240,7 @@ def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_
         du, ddt, dA, dB, dC, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA,
         L, dim, dim // groups, n_chunks, cps, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
+        du.stride(0), du.stride(1), ddt.stride(0), ddt.stride(1), dzz.stride(0), dzz.stride(1),
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2), A.stride(0), A.stride(1),
         hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
         dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),

@@ -177,6 +177,31 @@ def test_non_contiguous_inputs(small_tiles):
     _compare(args, 1e-5, delta_softplus=True, direction="local_bidirectional", window=4)
 
 
+@pytest.mark.parametrize("backward", ["auto", "scan"])
+def test_inputs_sliced_along_the_length(backward, small_tiles, monkeypatch):
+    """u, Δ and z cut from wider buffers (unit stride along the length, rows longer than it): the
+    kernels take them as they are, and must write du, dΔ, dz at the gradients' own strides."""
+    monkeypatch.setattr(ks, "BACKWARD", backward)
+    args = _inputs(2, 5, 37, 4)
+    kw = dict(delta_softplus=True, direction="local_bidirectional", window=4)
+    _, g_ref = _run(selective_scan_reference, args, _grad_like(args), **kw)
+    wide = {}
+    for k in ("u", "delta", "z"):
+        wide[k] = torch.zeros(2, 5, 50, device=args[k].device, dtype=args[k].dtype)
+        wide[k][:, :, :37] = args[k]
+        wide[k].requires_grad_(True)
+    others = {k: v.detach().clone().requires_grad_(True) for k, v in args.items() if k not in wide and v is not None}
+    sliced = {k: v[:, :, :37] for k, v in wide.items()}
+    assert sliced["u"].stride(-1) == 1 and not sliced["u"].is_contiguous()
+    out = ks.selective_scan(**sliced, **others, **kw)
+    (out * _grad_like(args)).sum().backward()
+    for k in wide:
+        assert _rel(wide[k].grad[:, :, :37], g_ref[k]) < 1e-5, k
+        assert (wide[k].grad[:, :, 37:] == 0).all(), k
+    for k in others:
+        assert _rel(others[k].grad, g_ref[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("direction,window,prefetch", [("forward", None, (False, True)), ("forward", None, (True, False)),
                                                       ("local_bidirectional", 4, (True, True)),
                                                       ("local_bidirectional", 5, (False, False))])
