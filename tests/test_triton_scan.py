@@ -206,8 +206,8 @@ def test_inputs_sliced_along_the_length(backward, small_tiles, monkeypatch):
                                                       ("local_bidirectional", 4, (True, True)),
                                                       ("local_bidirectional", 5, (False, False))])
 def test_sequential_and_scan_forwards_agree(direction, window, prefetch, small_tiles, monkeypatch):
-    # both forwards against the reference, and each one's saved states feed the same backward;
-    # the sequential one with and without each of its prefetches
+    # both forwards against the reference, each with the backward its saved states are laid out for
+    # (sequential / scan); the sequential one with and without each of its prefetches
     args = _inputs(2, 7, 83, 8, groups=None)
     tiles = {**ks.TILE_OVERRIDE} if ks.TILE_OVERRIDE else {}
     tiles["seq"] = {**tiles.get("seq", {}), "PREFETCH": prefetch[0], "PREFETCH_BC": prefetch[1]}
@@ -262,7 +262,7 @@ def test_backward_summaries_wait_for_the_slowest_state(monkeypatch):
 
 @pytest.mark.parametrize("seg", [1, 2])
 def test_segment_summaries_wait_for_the_slowest_state(seg, monkeypatch):
-    """A segment's summary walks back from its end and stops once every decay product is exactly 0.
+    """A segment's summary walks back from its end and stops once every decay product is below 2^-64.
 
     Here most states decay so fast that they reach 0 within a few positions, and one state of one
     channel barely decays at all: stopping on the fast ones would drop that state's memory of the
