@@ -1024,8 +1024,7 @@ def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, s
         seq_override = tiles.get("seq")
         bwd_seq = None
         if save_states and BACKWARD == "auto":
-            batch, dim, _ = u.shape
-            bwd_seq = _bwd_seq_config(dim, B4.shape[1], Np, window, tiles.get("bwd_seq"))
+            bwd_seq = _bwd_seq_config(u.shape[1], B4.shape[1], Np, window, tiles.get("bwd_seq"))
             # the forward walks blocks of the backward's size and saves the state entering each
             seq_override = {**(seq_override or {}), "TB": bwd_seq["STEP"]}
         out, hs, last, scan_cfg = _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states,
