@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             kw = {"d_model": args.d_model}
             if name != "abmil":
                 kw.update(d_state=args.d_state, backend=args.scan_backend)
-            if kind != "auto" or args.triton_backward != "auto":
+            if args.triton_backward != "auto":
                 from wsimamba.kernels import selective_scan as ks
 
                 ks.BACKWARD = kind

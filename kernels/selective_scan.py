@@ -1029,7 +1029,7 @@ def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, s
             seq_override = {**(seq_override or {}), "TB": bwd_seq["STEP"]}
         out, hs, last, scan_cfg = _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states,
                                            save_last, cfg=cfg, seq_override=seq_override,
-                                           save_every_block=bwd_seq is not None)
+                                           save_every=bwd_seq["STEP"] if bwd_seq is not None else None)
         return out, hs, last, ({**bwd_seq, "bwd": "seq"} if bwd_seq is not None else {**scan_cfg, "bwd": "scan"})
     out, hs, last, scan_cfg = _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
                                         cfg=cfg)
@@ -1093,17 +1093,15 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
 
 
 def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None,
-             save_every_block=False):
+             save_every=None):
     """The sequential forward. States are saved entering every scan chunk (for the scan backward), or
-    with `save_every_block` entering every one of its own blocks (for the sequential backward)."""
+    every `save_every` positions, one of its own blocks (for the sequential backward)."""
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     if dim % groups:
         raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
     scan_cfg = _config(dim, groups, N, window, backward=False, override=cfg)
-    chunk = scan_cfg["STEP"]
-    if save_every_block:
-        chunk = window if window else (seq_override or {}).get("TB", 16)
+    chunk = save_every or scan_cfg["STEP"]
     sc = _seq_config(dim, groups, window, chunk, seq_override)
     bd, nw = sc["BLOCK_D"], sc["num_warps"]
     n_chunks = triton.cdiv(L, chunk)
