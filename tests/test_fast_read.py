@@ -418,6 +418,164 @@ def test_thread_reader_keeps_order_bounds_lookahead_and_raises_in_place():
     assert max(started) < 29 + 5
 
 
+def test_shared_read_pool_serves_readers_in_order_within_one_budget():
+    """Readers open on one pool: the second one's items are requested only once the first is all
+    requested, yet before the first is consumed; never more than `ahead` items are requested and not
+    yet consumed over both; closing a reader mid-way cancels what has not started, waits for what
+    has, and frees its share for the next reader."""
+    import threading
+    import time
+
+    from wsimamba.features.fastread import ReadPool
+
+    rng = np.random.default_rng()
+    lock = threading.Lock()
+    log: list[tuple[str, int]] = []  # (reader, item) in the order requested
+    running: dict[str, int] = {}
+
+    class Items:
+        def __init__(self, name, n):
+            self.name, self.n = name, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, k):
+            with lock:
+                log.append((self.name, k))
+                running[self.name] = running.get(self.name, 0) + 1
+            time.sleep(rng.uniform(0, 0.003))
+            with lock:
+                running[self.name] -= 1
+            return self.name, k
+
+    ahead = int(rng.integers(3, 7))
+    pool = ReadPool(threads=3, ahead=ahead)
+    a, b, c = Items("a", int(rng.integers(5, 9))), Items("b", int(rng.integers(4, 8))), Items("c", 30)
+    ra, rb, rc = ThreadReader(a, pool=pool), ThreadReader(b, pool=pool), ThreadReader(c, pool=pool)
+    consumed = 0
+    got_a = []
+    for item in ra:
+        got_a.append(item)
+        consumed += 1
+        with lock:
+            requested = len(log)
+            first_b = next((i for i, (name, _) in enumerate(log) if name == "b"), None)
+        assert requested <= consumed + ahead  # the budget spans both readers (the item in hand counts)
+        if first_b is not None:  # b starts only after every item of a was requested
+            assert [name for name, _ in log[:first_b]] == ["a"] * len(a)
+    assert got_a == [("a", k) for k in range(len(a))]
+    time.sleep(0.05)
+    with lock:
+        assert any(name == "b" for name, _ in log), "b was not read ahead while a was consumed"
+        names = [name for name, _ in log]
+        if "c" in names:  # c only after every item of b was requested
+            assert names[: names.index("c")].count("b") == len(b)
+    rb_items = iter(rb)
+    assert next(rb_items) == ("b", 0)
+    rb.close()  # mid-way: b's unstarted items are cancelled, its running ones awaited
+    with lock:
+        assert running.get("b", 0) == 0
+        b_requested = sum(name == "b" for name, _ in log)
+    got_c = list(rc)
+    assert got_c == [("c", k) for k in range(30)]
+    with lock:
+        assert sorted(k for name, k in log if name == "c") == list(range(30))
+        assert sum(name == "b" for name, _ in log) == b_requested  # nothing of b ran after its close
+    rc.close()
+    ra.close()
+    assert pool._outstanding == 0
+    pool.close()
+
+
+def _shm_files() -> set:
+    import glob
+
+    return set(glob.glob("/dev/shm/wsimamba-tiles-*"))
+
+
+def test_decoding_processes_give_the_threads_pixels_and_free_their_slots(slides, monkeypatch):
+    """CPU decoding in worker processes (into shared-memory slots) gives exactly the pixels of the
+    in-thread decoder for every layout, also when patches read larger than a slot allows (the
+    batches shrink to fit); every slot is free again once the patches are dropped; close() removes
+    the shared-memory file."""
+    from wsimamba.features.fastread import TileItems, decode_item, read_pool
+
+    monkeypatch.setenv("WSIMAMBA_TILE_PROCESSES", "1")
+    before = _shm_files()
+    pool = read_pool(2, torch.device("cpu"), slot_bytes=7 * 128 * 128 * 3)
+    assert pool.procs is not None and pool.ahead == 6
+    procs = pool.procs
+    try:
+        layouts = set()
+        for name in ("rgb_aperio", "synth_tiff"):
+            with open_slide(slides[name]) as slide:
+                for key, (tmpp, ps, ov) in GRIDS.items():
+                    grid = full_grid(slide, tmpp, ps, ov, max_patches=24 if ps > 100 else 40)
+                    plan = plan_tiles(slide, grid)
+                    layouts.add(plan.layout)
+                    items = TileItems(plan, 7, "cpu", 2, pool=pool)
+                    assert items.ds.batch == max(1, min(7, 7 * 128 * 128 // plan.read_size ** 2))  # 1: too big, threads decode
+                    parts, stats = [], {}
+                    for item in items:
+                        parts.append(decode_item(item, plan, torch.device("cpu"), stats).numpy().copy())
+                        del item
+                    items.close()
+                    got = np.concatenate(parts)
+                    ref = read_patches(plan, "cpu", "cpu", batch_size=7)
+                    np.testing.assert_array_equal(got, ref, err_msg=f"{name} {key}")
+        assert layouts == {"crop", "tile", "block", "span"}
+        import gc
+
+        gc.collect()
+        assert procs._free.qsize() == procs.nslots
+    finally:
+        pool.close()
+    assert _shm_files() == before
+
+
+def test_decoding_processes_report_bad_tiles_and_survive_a_dead_worker(slides, tmp_path, monkeypatch):
+    """A tile cut short raises a SlideError naming the file at its batch, and its slot comes back; a
+    worker that dies fails the batch it was decoding with a SlideError, and the next batches decode
+    in fresh workers."""
+    import os
+
+    from wsimamba.errors import SlideError
+    from wsimamba.features.fastread import DecodeProcesses
+
+    src = slides["synth_svs"]
+    with open_slide(src) as slide:
+        plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=16))
+    rec = plan.recipe(0, 8)
+    ref = read_patches(plan, "cpu", "cpu", batch_size=8)[:8]
+    procs = DecodeProcesses(2, slots=2, slot_bytes=8 * plan.read_size ** 2 * 3)
+    try:
+        out = procs.decode(plan, rec)
+        np.testing.assert_array_equal(out.numpy(), ref)
+        del out
+        # a truncated copy of the slide: the last tile the batch needs lies past the end
+        cut = tmp_path / "cut.svs"
+        last = int(rec.tiles[np.argmax(plan.level.offsets[rec.tiles])])
+        cut.write_bytes(src.read_bytes()[: int(plan.level.offsets[last]) + 10])
+        plan.level.path = cut
+        try:
+            with pytest.raises(SlideError, match=r"cut\.svs: tile \d+ of page \d+ is cut short"):
+                procs.decode(plan, rec)
+        finally:
+            plan.level.path = src
+        assert procs._free.qsize() == 2  # the failed batch gave its slot back, the dropped patches theirs
+        procs._pool.submit(os._exit, 3)  # a worker dies
+        import time
+
+        time.sleep(0.5)
+        with pytest.raises(SlideError, match="decoding process died"):
+            procs.decode(plan, rec)
+        again = procs.decode(plan, rec)
+        np.testing.assert_array_equal(again.numpy(), ref)
+    finally:
+        procs.close()
+
+
 def test_fallback_reasons(slides):
     with open_slide(slides["deflate"]) as slide:
         with pytest.raises(NativeTilesUnsupported, match="ZLIB|DEFLATE|not JPEG"):
@@ -578,6 +736,95 @@ def test_next_slides_tiles_are_read_while_this_one_is_embedded(cli_slides, extra
     f_ref, c_ref, _, _ = read_features(extracted_both["tiles"] / "rgb_aperio.h5")
     np.testing.assert_array_equal(c, c_ref)
     np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_files_are_finished_while_the_next_slide_is_embedded_and_a_failed_write_fails_its_slide_only(
+        cli_slides, extracted_both, tmp_path, monkeypatch):
+    """A slide's feature file is finished (last writes, attributes, rename) in the writing thread
+    while the next slide is already being embedded; a write that fails fails that slide alone (no
+    file under its final name, the error in the manifest), and the other slides' features are the
+    in-process reader's."""
+    import threading
+    import time
+
+    import wsimamba.features.fastread as fr
+    from wsimamba.config import ExtractConfig
+    from wsimamba.features.extract import extract_cohort
+    from wsimamba.features.store import FeatureWriter
+
+    events = []
+    real_finalize, real_append, real_run = FeatureWriter.finalize, FeatureWriter.append, fr.run_tiles
+
+    def finalize(self, *a, **k):
+        t0 = time.perf_counter()
+        time.sleep(0.3)
+        out = real_finalize(self, *a, **k)
+        events.append(("finalized", self.slide_id, t0, time.perf_counter(), threading.current_thread().name))
+        return out
+
+    def append(self, feats, coords):
+        if self.slide_id == "rgb_aperio" and self.n >= 4:
+            raise OSError(28, "No space left on device")
+        return real_append(self, feats, coords)
+
+    def run_tiles(plan, *a, **k):
+        events.append(("run-start", plan.level.path.stem, time.perf_counter()))
+        return real_run(plan, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "finalize", finalize)
+    monkeypatch.setattr(FeatureWriter, "append", append)
+    monkeypatch.setattr(fr, "run_tiles", run_tiles)
+    cfg = ExtractConfig(encoder="timm:test_resnet", random_init=True, target_mpp=4.0, patch_size=64, device="cpu",
+                        batch_size=4, workers=2, reader="tiles", qc=False)
+    paths = [next(cli_slides.glob(n + ".*")) for n in ("synth_svs", "rgb_aperio", "ycc_tiff", "synth_tiff")]
+    out = tmp_path / "f"
+    res = extract_cohort(paths, out, cfg)
+    assert [(r.slide_id, r.status) for r in res] == [  # by id, the order they are embedded in
+        ("rgb_aperio", "failed"), ("synth_svs", "ok"), ("synth_tiff", "ok"), ("ycc_tiff", "ok")]
+    assert "No space left on device" in res[0].error and "\n" not in res[0].error
+    assert manifest(out)["rgb_aperio"]["status"] == "failed"
+    assert not (out / "rgb_aperio.h5").exists() and not list(out.glob(".*.partial"))
+    fin = {e[1]: e for e in events if e[0] == "finalized"}
+    runs = {e[1]: e[2] for e in events if e[0] == "run-start"}
+    assert set(fin) == {"synth_svs", "ycc_tiff", "synth_tiff"}
+    assert all(e[4].startswith("wsimamba-write") for e in fin.values())
+    assert runs["synth_tiff"] < fin["synth_svs"][3], events  # next slide embedded while the file was finished
+    assert runs["ycc_tiff"] < fin["synth_tiff"][3], events
+    for name in ("synth_svs", "ycc_tiff", "synth_tiff"):
+        f, c, _, _ = read_features(out / f"{name}.h5")
+        f_ref, c_ref, _, _ = read_features(extracted_both["tiles"] / f"{name}.h5")
+        np.testing.assert_array_equal(c, c_ref)
+        np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
+    # a rerun retries only the failed slide
+    monkeypatch.setattr(FeatureWriter, "append", real_append)
+    res = extract_cohort(paths, out, cfg)
+    assert [r.status for r in res] == ["ok", "skipped", "skipped", "skipped"]
+
+
+@pytest.mark.parametrize("decoder", ["cpu", "hybrid"])
+def test_extract_with_decoding_processes(cli_slides, extracted_both, tmp_path, monkeypatch, decoder):
+    """WSIMAMBA_TILE_PROCESSES=1 (the default on CUDA) on a CPU machine: `wsimamba extract` decodes
+    tiles in worker processes, gives the in-process reader's features, and leaves no shared memory."""
+    monkeypatch.setenv("WSIMAMBA_TILE_PROCESSES", "1")
+    monkeypatch.setenv("WSIMAMBA_TILE_DECODER", decoder)
+    before = _shm_files()
+    out = tmp_path / "f"
+    assert run_cli("extract", cli_slides, "--out", out, *CLI_ARGS, "--workers", "2", "--no-qc",
+                   "--reader", "tiles", "--slide-list", _list(tmp_path, "rgb_aperio", "synth_svs", "ycc_tiff"),
+                   "--batch-size", "4") == 0
+    for name in ("rgb_aperio", "synth_svs", "ycc_tiff"):
+        f, c, _, attrs = read_features(out / f"{name}.h5")
+        f_ref, c_ref, _, _ = read_features(extracted_both["tiles"] / f"{name}.h5")
+        np.testing.assert_array_equal(c, c_ref)
+        np.testing.assert_allclose(f, f_ref, rtol=1e-4, atol=1e-4)
+        assert attrs["reader_device_batches"] + attrs["reader_cpu_batches"] == -(-len(c) // 4)
+    assert _shm_files() == before
+
+
+def _list(tmp_path: Path, *names: str) -> Path:
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(names) + "\n")
+    return lst
 
 
 @pytest.mark.parametrize("decoder", ["device", "hybrid"])

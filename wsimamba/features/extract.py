@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,7 @@ from wsimamba.slide.tiling import PatchGrid
 
 
 PREPARE_PROCESSES = 3  # at most; slides prepared at once ahead of the embedding
+READ_AHEAD_SLIDES = 2  # native tiles: slides whose reading may start while the current one is embedded
 
 
 @dataclass
@@ -199,13 +201,22 @@ def _fuse_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 class PatchEmbedder:
     """Runs an encoder on uint8 patch batches: resize, normalise, then the model.
 
-    CUDA: bf16 autocast and channels_last, whole batches. CPU: channels_last, BatchNorm folded into
-    the convolutions, and micro-batches of `cpu_micro_batch` patches, because on a CPU large batches
-    push activations out of cache (ResNet-50 to layer3 at 256 px: ~25 ms/patch in batches of 4,
-    ~45-50 in batches of 32, on the 2-core CI machine).
+    CUDA: bf16 autocast and channels_last, whole batches, and CUDA graphs: a batch shape seen a second
+    time is captured (resize, normalisation and model together) and replayed from then on, so a batch
+    costs a handful of Python calls instead of hundreds of kernel launches. In the tile pipeline every
+    launch is a release and re-acquisition of the GIL, which the reader threads hold in turn, so the
+    eager encoder waited for the GIL more than it ran. `cuda_graphs=False` (or the environment
+    variable `WSIMAMBA_CUDA_GRAPHS=0`) keeps it eager; a shape whose capture fails runs eager, with a
+    warning. CPU: channels_last, BatchNorm folded into the convolutions, and micro-batches of
+    `cpu_micro_batch` patches, because on a CPU large batches push activations out of cache
+    (ResNet-50 to layer3 at 256 px: ~25 ms/patch in batches of 4, ~45-50 in batches of 32, on the
+    2-core CI machine).
     """
 
-    def __init__(self, encoder: Encoder, device: torch.device, cpu_micro_batch: int = 4):
+    MAX_GRAPHS = 4  # batch shapes captured at most (the full batch and a few others)
+
+    def __init__(self, encoder: Encoder, device: torch.device, cpu_micro_batch: int = 4,
+                 cuda_graphs: bool | None = None):
         self.encoder = encoder
         self.device = device
         model = encoder.model.to(device).eval()
@@ -215,6 +226,12 @@ class PatchEmbedder:
         self.micro = None if device.type == "cuda" else max(1, cpu_micro_batch)
         self.mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("WSIMAMBA_CUDA_GRAPHS", "1").strip() not in ("0", "false", "no", "off")
+        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self._seen: dict[tuple, int] = {}
+        self._graphs: dict[tuple, tuple | None] = {}  # shape → (graph, static input, static output), None: eager
+        self._pool = None
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """batch uint8 (B, H, W, 3) → float32 (B, dim)."""
@@ -223,17 +240,59 @@ class PatchEmbedder:
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """batch uint8 (B, H, W, 3), on any device → features (B, dim) on this device, not synchronised."""
+        if self.cuda_graphs:
+            key = (tuple(batch.shape), batch.dtype)
+            entry = self._graphs.get(key, False)
+            if entry is False:
+                self._seen[key] = self._seen.get(key, 0) + 1
+                if self._seen[key] >= 2 and len(self._graphs) < self.MAX_GRAPHS:
+                    entry = self._graphs[key] = self._capture(batch)
+            if entry:
+                graph, static_in, static_out = entry
+                static_in.copy_(batch, non_blocking=True)
+                graph.replay()
+                return static_out.clone()  # the next replay overwrites static_out
+        return self._forward(batch)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         size = self.encoder.input_size
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            # no cast cache: a captured graph must not depend on tensors cached outside it
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 out = self.model(x)
         else:
             out = torch.cat([self.model(part) for part in x.split(self.micro)])
         return out
+
+    def _capture(self, batch: torch.Tensor):
+        """(graph, static input, static output) for batches shaped like `batch`, or None (eager) when
+        the encoder cannot be captured."""
+        import warnings
+
+        try:
+            static_in = torch.empty(batch.shape, dtype=batch.dtype, device=self.device)
+            static_in.copy_(batch)
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the graph (cuDNN algorithms, lazy allocations)
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all shapes: replays never overlap
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                static_out = self._forward(static_in)
+            return graph, static_in, static_out
+        except Exception as e:  # noqa: BLE001 - an encoder that cannot be captured still runs eager
+            warnings.warn(f"encoder {self.encoder.name}: CUDA graph capture failed for batches of shape "
+                          f"{tuple(batch.shape)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "running eager", RuntimeWarning, stacklevel=3)
+            return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,28 +326,24 @@ def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
     return prep
 
 
-def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
-                progress: ExtractProgress | None = None, started=None) -> SlideResult:
-    """Embed a prepared slide's patches and write its feature file. Raises on failure (nothing is left
-    under the final name). `started()`, if given, is called once the reader's worker processes exist."""
+def start_embed(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
+                progress: ExtractProgress | None = None, started=None, writes=None, pool=None) -> Future:
+    """Embed a prepared slide's patches and write its feature file; the future gives its `SlideResult`
+    once the file is complete under its final name, or raises what failed (nothing is then left under
+    the final name). `started()`, if given, is called once the reader's threads or worker processes
+    exist.
+
+    `writes` (a cohort's `fastread.FeatureWrites`) and `pool` (its `fastread.ReadPool`), for native
+    tiles: the slide's last feature writes and its file's finishing are queued in the writing thread,
+    and this returns as soon as every batch is embedded, so the next slide's batches follow on the GPU
+    without a pause. Otherwise (and for the OpenSlide reader) the future is complete on return."""
     progress = progress or ExtractProgress()
     t0 = time.perf_counter()
     grid, reader_attrs = prep.grid, dict(prep.reader_attrs)
     progress.slide_start(prep.sid, len(grid))
     writer = FeatureWriter(out_dir, prep.sid, embedder.encoder.dim, cfg.format)
-    try:
-        if prep.plan is not None:
-            from wsimamba.features.fastread import requested_decoder, run_tiles
 
-            def append(feats, start, stop):
-                writer.append(feats, grid.coords[start:stop])
-
-            items, prep.items = prep.items, None
-            run = run_tiles(prep.plan, embedder, append, cfg.batch_size, cfg.workers, requested_decoder(), progress,
-                            started=started, choice=prep.decoder, items=items)
-            reader_attrs.update(run.attrs())
-        else:
-            _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress, started=started)
+    def finish() -> SlideResult:
         if writer.n != len(grid):
             raise SlideError(f"{prep.path}: {writer.n} of {len(grid)} patches were embedded")
         enc = embedder.encoder
@@ -305,13 +360,53 @@ def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder
             **reader_attrs,
         }
         out = writer.finalize(grid.coords_attrs(prep.sid), file_attrs)
+        return SlideResult(
+            slide_id=prep.sid, slide_path=str(prep.path), status="ok", patches=len(grid),
+            seconds=prep.seconds + time.perf_counter() - t0, output=str(out), reader=reader_attrs["reader"],
+        )
+
+    def append(feats, start, stop):
+        writer.append(feats, grid.coords[start:stop])
+
+    sink = None
+    try:
+        if prep.plan is not None:
+            from wsimamba.features.fastread import requested_decoder, run_tiles
+
+            sink = writes.slide(append) if writes is not None else append
+            items, prep.items = prep.items, None
+            run = run_tiles(prep.plan, embedder, sink, cfg.batch_size, cfg.workers, requested_decoder(), progress,
+                            started=started, choice=prep.decoder, items=items, pool=pool)
+            reader_attrs.update(run.attrs())
+            if writes is not None:
+                def finish_queued() -> SlideResult:
+                    try:
+                        sink.check()
+                        return finish()
+                    except BaseException:
+                        writer.abort()
+                        raise
+
+                return writes.after(finish_queued)
+        else:
+            _read_with_openslide(prep.path, grid, cfg, embedder, writer, progress, started=started)
+        res = finish()
     except BaseException:
-        writer.abort()
+        if writes is not None and sink is not None:
+            writes.after(writer.abort).result()  # after the slide's queued writes (skipped: run_tiles failed them)
+        else:
+            writer.abort()
         raise
-    return SlideResult(
-        slide_id=prep.sid, slide_path=str(prep.path), status="ok", patches=len(grid),
-        seconds=prep.seconds + time.perf_counter() - t0, output=str(out), reader=reader_attrs["reader"],
-    )
+    done: Future = Future()
+    done.set_result(res)
+    return done
+
+
+def embed_slide(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
+                progress: ExtractProgress | None = None, started=None) -> SlideResult:
+    """Embed a prepared slide's patches and write its feature file. Raises on failure (nothing is left
+    under the final name). `started()`, if given, is called once the reader's workers exist."""
+    return start_embed(prep, out_dir, cfg, embedder, progress, started).result()
 
 
 def extract_slide(
@@ -379,8 +474,21 @@ def extract_cohort(
         torch.cuda.set_device(device)
     if cfg.tissue_masks is not None and not Path(cfg.tissue_masks).is_dir():
         raise WsimambaError(f"--tissue-masks {cfg.tissue_masks}: no such folder")
-    encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
-    embedder = PatchEmbedder(encoder, device)
+    # Native-tile slides share one pool of reader threads (and, on CUDA, of decoding processes, which
+    # start now, while the encoder is built) and one writing thread.
+    from wsimamba.features.fastread import FeatureWrites, read_pool, start_items
+
+    # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory is
+    # only used as far as batches fill it, and larger reads come in smaller batches.
+    pool = (read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
+            if cfg.workers > 0 else None)
+    try:
+        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
+        embedder = PatchEmbedder(encoder, device)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
     progress.start(len(mine))
@@ -426,57 +534,80 @@ def extract_cohort(
         for j in range(k, k + ahead):
             preparer.submit(j)
 
-    # The next slide's tiles start being read (and decoded on the CPU) as soon as it is prepared, while
-    # the current slide is still being embedded: a small slide's batches keep only some of the reader
-    # threads busy, and its first batch otherwise arrives only after one thread has decoded it.
-    from wsimamba.features.fastread import start_items
-
+    # The next slides' tiles start being read (and decoded on the CPU) as soon as they are prepared,
+    # while the current slide is still being embedded, up to the pool's budget of batches: a small
+    # slide's batches keep only some of the readers busy otherwise, and its first batch arrives only
+    # after one reader has decoded it. A slide's last writes and the finishing of its file happen in
+    # the writing thread while the next slide is embedded; results are recorded in slide order as
+    # they complete.
+    writes = FeatureWrites()
     readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead")
     reading: dict[int, object] = {}
     started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
 
     def read_ahead(k: int) -> None:
-        if cfg.workers <= 0 or k >= len(todo) or k in reading:
+        if pool is None or k >= len(todo) or k in reading:
             return
 
         def attach() -> None:
             prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
             if prep.plan is not None and prep.decoder is not None:
-                prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device)
+                prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device, pool=pool)
                 started_items[k] = prep.items
 
         reading[k] = readahead.submit(attach)
 
     def on_started(i: int) -> None:
         prepare_ahead(i + 1)
-        read_ahead(i + 1)
+        for k in range(i + 1, i + 1 + READ_AHEAD_SLIDES):
+            read_ahead(k)
+
+    inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
+
+    def record(block: bool) -> None:
+        while inflight and (block or inflight[0][2].done()):
+            path, t0, fut = inflight.popleft()
+            try:
+                res = fut.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
+                                  error=_one_line(e))
+            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+            results.append(res)
+            progress.slide_end(res)
 
     try:
         prepare_ahead(0)
         for i, path in enumerate(todo):
-            sid = slide_id_of(path)
             t0 = time.perf_counter()
             try:
                 if i in reading:
                     reading.pop(i).exception()  # wait until its reading has started (or failed to)
                 prep = preparer.result(i)
-                res = embed_slide(prep, out_dir, cfg, embedder, progress, started=lambda: on_started(i))
+                fut = start_embed(prep, out_dir, cfg, embedder, progress, started=lambda: on_started(i),
+                                  writes=writes, pool=pool)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:
-                res = SlideResult(sid, str(path), "failed", seconds=time.perf_counter() - t0, error=_one_line(e))
+                fut = Future()
+                fut.set_exception(e)
             finally:
                 items = started_items.pop(i, None)
                 if items is not None:
                     items.close()  # run_tiles closed it, unless the slide failed before reading
             on_started(i)  # when the slide failed before its readers started
-            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
-            results.append(res)
-            progress.slide_end(res)
+            inflight.append((path, t0, fut))
+            record(block=False)
+        record(block=True)
     finally:
         readahead.shutdown(wait=True, cancel_futures=True)
         for items in started_items.values():
             items.close()
+        writes.close()  # an interrupted run still finishes the files of slides already embedded
+        if pool is not None:
+            pool.close()
         preparer.close()
     order = {str(p): k for k, p in enumerate(mine)}
     results.sort(key=lambda r: order.get(r.slide_path, len(order)))

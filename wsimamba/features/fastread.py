@@ -37,14 +37,15 @@ import queue
 import sys
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsimamba.errors import WsimambaError
+from wsimamba.errors import SlideError, WsimambaError
 from wsimamba.slide.tiles import Recipe, TilePlan, TileReader, assemble_copies, decode_tile_cpu, jpeg_stream
 
 PROBE_TILES = 8
@@ -91,6 +92,121 @@ class DeviceBacklog:
             self.waiting -= 1
 
 
+PROCESSES_ENV = "WSIMAMBA_TILE_PROCESSES"  # auto | 0 | 1: CPU tile decoding in worker processes (auto: on CUDA)
+SHM_DIR = "/dev/shm"
+
+
+def processes_requested(device: torch.device) -> bool:
+    """Whether CPU tile decoding runs in worker processes: `WSIMAMBA_TILE_PROCESSES` = 1 / 0, or auto
+    (the default): on CUDA, where decoding threads starve the encoding thread of the GIL."""
+    value = os.environ.get(PROCESSES_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise WsimambaError(f"{PROCESSES_ENV}={value!r}: use auto, 0 or 1")
+    return value == "1" or (value == "auto" and device.type == "cuda")
+
+
+class DecodeProcesses:
+    """CPU tile decoding in `processes` worker processes (`decodeprocs`), each batch written into one
+    of `slots` slots of `slot_bytes` in a shared-memory file. `decode(plan, recipe)` (called by a
+    reader thread, which waits without holding the GIL) returns the batch as a uint8 tensor over its
+    slot; the slot is free again when that tensor is garbage. A batch larger than a slot returns None
+    (the caller decodes it in its thread). Workers that die are replaced for the next batch; the batch
+    they were decoding raises. `close()` stops the workers and removes the file."""
+
+    def __init__(self, processes: int, slots: int, slot_bytes: int, shm_dir: str = SHM_DIR):
+        import mmap
+        import tempfile
+
+        from wsimamba.features.decodeprocs import attach, ready
+        from wsimamba.features.prepare import _context
+
+        self.processes = max(1, int(processes))
+        self.slot_bytes = int(slot_bytes)
+        self.nslots = max(1, int(slots))
+        size = self.nslots * self.slot_bytes
+        if not os.path.isdir(shm_dir) or shutil_free(shm_dir) < size:
+            raise WsimambaError(f"{shm_dir}: not enough shared memory for {size / 2**30:.1f} GiB of decoded tiles")
+        import weakref
+
+        fd, self.path = tempfile.mkstemp(prefix="wsimamba-tiles-", dir=shm_dir)
+        weakref.finalize(self, _unlink, self.path)  # also at exit, should close() never run
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._free: queue.Queue = queue.Queue()
+        for k in range(self.nslots):
+            self._free.put(k)
+        self._ctx = _context()
+        self._attach = attach
+        self._lock = threading.Lock()
+        self._pool = None
+        self._start()
+        for _ in range(self.processes):  # start the workers now, while the encoder is being built
+            self._pool.submit(ready)
+
+    def _start(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=self._ctx,
+                                         initializer=self._attach, initargs=(self.path,))
+
+    def decode(self, plan: TilePlan, rec: Recipe) -> torch.Tensor | None:
+        import weakref
+        from concurrent.futures.process import BrokenProcessPool
+
+        from wsimamba.features.decodeprocs import DecodeJob, decode_into
+
+        r = rec.size
+        nbytes = len(rec) * r * r * 3
+        if nbytes > self.slot_bytes:
+            return None
+        lv = plan.level
+        slot = self._free.get()
+        try:
+            job = DecodeJob(path=str(lv.path), page=lv.page, tiles=rec.tiles, offsets=lv.offsets[rec.tiles],
+                            counts=lv.counts[rec.tiles], tables=lv.tables, colorspace=lv.colorspace, recipe=rec,
+                            offset=slot * self.slot_bytes)
+            with self._lock:
+                pool = self._pool
+            try:
+                pool.submit(decode_into, job).result()
+            except BrokenProcessPool:
+                with self._lock:  # a worker died (a crash in the decoder?): new workers for later batches
+                    if self._pool is pool:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._start()
+                raise SlideError(f"{lv.path}: a tile decoding process died on patches of this slide") from None
+        except BaseException:
+            self._free.put(slot)
+            raise
+        arr = np.ndarray((len(rec), r, r, 3), dtype=np.uint8, buffer=self._map, offset=slot * self.slot_bytes)
+        out = torch.from_numpy(arr)
+        weakref.finalize(out, self._free.put, slot)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+        _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def shutil_free(path: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
 class TileBatches:
     """Item k: patches [k * batch, (k + 1) * batch) of a plan, read (and maybe decoded) in the
     calling thread.
@@ -102,14 +218,17 @@ class TileBatches:
     """
 
     def __init__(self, plan: TilePlan, batch_size: int, decoder: str, pin: bool = False,
-                 backlog: DeviceBacklog | None = None):
+                 backlog: DeviceBacklog | None = None, procs: DecodeProcesses | None = None):
         if decoder == "hybrid" and backlog is None:
             raise ValueError("hybrid decoding needs a DeviceBacklog")
         self.plan = plan
         self.batch = max(1, int(batch_size))
+        if procs is not None:  # batches must fit a shared-memory slot (patches read larger than the grid's)
+            self.batch = max(1, min(self.batch, procs.slot_bytes // (plan.read_size ** 2 * 3)))
         self.decoder = decoder
         self.pin = pin
         self.backlog = backlog
+        self.procs = procs
         self._reader: TileReader | None = None
         self._lock = threading.Lock()
 
@@ -132,10 +251,15 @@ class TileBatches:
         start = k * self.batch
         stop = min(len(self.plan), start + self.batch)
         rec = self.plan.recipe(start, stop)
-        raw = self.reader().read(rec.tiles)
         lv = self.plan.level
         item = {"start": start, "stop": stop}
         to_device = self.decoder == "device" or (self.decoder == "hybrid" and self.backlog.take())
+        if not to_device and self.procs is not None:
+            patches = self.procs.decode(self.plan, rec)
+            if patches is not None:
+                item["patches"] = patches
+                return item
+        raw = self.reader().read(rec.tiles)
         if not to_device:
             tiles = [decode_tile_cpu(b, lv.tables, lv.colorspace) for b in raw]
             r = rec.size
@@ -344,34 +468,122 @@ class _Background:
         self.thread.join(timeout=30)
 
 
-class ThreadReader:
-    """Items `ds[0], ds[1], ...` in order, made by `threads` threads at most `ahead` items ahead of
-    the consumer; the first `start` items are requested right away, before iteration begins (so a
-    slide's first batches can be read while the previous slide is still being embedded). An
-    exception in a thread is raised when its item is reached; `close()` cancels what has not started."""
+class ReadPool:
+    """Reader threads shared by the slides of a cohort, with one budget: at most `ahead` items requested
+    and not yet taken by their consumer, over all the `ThreadReader`s open on the pool. Readers are
+    served in the order they were opened (a cohort's slide order), so the slide being embedded always
+    comes first, and the threads go on to the next slides' batches as soon as it is all requested: a
+    slide of a few batches no longer leaves most threads idle at its end. `close()` stops the threads."""
 
-    def __init__(self, ds, threads: int, ahead: int, start: int = 0, initializer=None):
+    def __init__(self, threads: int, ahead: int, initializer=None, procs: "DecodeProcesses | None" = None):
+        self.threads = max(1, int(threads))
+        self.ahead = max(1, int(ahead))
+        self.procs = procs  # CPU decoding in worker processes, for the readers that use this pool
+        self.executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsimamba-read",
+                                           initializer=initializer)
+        self._lock = threading.Lock()
+        self._readers: list[ThreadReader] = []
+        self._outstanding = 0  # requested, not yet taken, over all open readers
+
+    def _open(self, reader: "ThreadReader") -> None:
+        with self._lock:
+            self._readers.append(reader)
+            self._pump()
+
+    def _pump(self) -> None:
+        """Request items while the budget allows, earliest reader first (call with the lock held)."""
+        for r in self._readers:
+            while self._outstanding < self.ahead and r._submitted < len(r.ds):
+                r._submit_next()
+                self._outstanding += 1
+            if r._submitted < len(r.ds):
+                return  # a later reader never overtakes an earlier one
+
+    def _take(self, reader: "ThreadReader", k: int):
+        """The future of `reader`'s item k, requesting it now if the budget had not reached it. The
+        item counts against the budget until the consumer comes back for the next one (`_release`)."""
+        with self._lock:
+            self._release_held(reader)
+            if k >= reader._submitted:  # not reached yet: request it (and anything before it) now
+                while reader._submitted <= k:
+                    reader._submit_next()
+                    self._outstanding += 1
+            f = reader._futures.pop(k)
+            reader._held = True
+            self._pump()
+        return f
+
+    def _release_held(self, reader: "ThreadReader") -> None:
+        if reader._held:
+            reader._held = False
+            self._outstanding -= 1
+
+    def _release(self, reader: "ThreadReader") -> None:
+        with self._lock:
+            self._release_held(reader)
+            self._pump()
+
+    def _close(self, reader: "ThreadReader") -> list:
+        """Forget `reader`: cancel its items not started, free its share of the budget; the futures
+        still running (to wait for)."""
+        with self._lock:
+            if reader not in self._readers:
+                return []
+            self._readers.remove(reader)
+            running = []
+            for f in reader._futures.values():
+                if not f.cancel():
+                    running.append(f)
+            self._outstanding -= len(reader._futures)
+            self._release_held(reader)
+            reader._futures.clear()
+            reader._submitted = len(reader.ds)
+            self._pump()
+        return running
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.procs is not None:
+            self.procs.close()
+
+
+class ThreadReader:
+    """Items `ds[0], ds[1], ...` in order, made by reader threads at most `ahead` items ahead of the
+    consumer. `pool`: a shared `ReadPool` (its budget then spans every reader open on it, and reading
+    starts as soon as the budget reaches this reader, before iteration begins); without one, a private
+    pool of `threads` threads. An exception in a thread is raised when its item is reached; `close()`
+    cancels what has not started and waits for what has."""
+
+    def __init__(self, ds, threads: int = 1, ahead: int = 1, initializer=None, pool: ReadPool | None = None):
         self.ds = ds
-        self.ahead = max(1, ahead)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="wsimamba-read",
-                                       initializer=initializer)
+        self._own = pool is None
+        self.pool = ReadPool(threads, ahead, initializer) if pool is None else pool
         self._futures: dict[int, object] = {}
         self._submitted = 0
-        self._fill(start)
+        self._held = False  # the item last given to the consumer still counts against the budget
+        self._closed = False
+        self.pool._open(self)
 
-    def _fill(self, upto: int) -> None:
-        upto = min(len(self.ds), upto)
-        while self._submitted < upto:
-            self._futures[self._submitted] = self.pool.submit(self.ds.__getitem__, self._submitted)
-            self._submitted += 1
+    def _submit_next(self) -> None:
+        k = self._submitted
+        self._futures[k] = self.pool.executor.submit(self.ds.__getitem__, k)
+        self._submitted += 1
 
     def __iter__(self):
         for k in range(len(self.ds)):
-            self._fill(k + self.ahead)
-            yield self._futures.pop(k).result()
+            if self._closed:
+                return
+            yield self.pool._take(self, k).result()
+        self.pool._release(self)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._closed:
+            return
+        self._closed = True
+        running = self.pool._close(self)
+        wait(running)  # they use the caller's file handles, which are closed next
+        if self._own:
+            self.pool.close()
 
 
 def _reader_threads(decoder: str, workers: int) -> int:
@@ -379,26 +591,53 @@ def _reader_threads(decoder: str, workers: int) -> int:
     return min(workers, READ_THREADS) if decoder == "device" else workers
 
 
+def read_pool(workers: int, device: torch.device, slot_bytes: int = 0) -> ReadPool:
+    """A cohort's reader threads: `workers` of them, on CUDA set to `device`, so that pinned memory
+    they allocate belongs to it (else they would open a context on GPU 0, also under a torchrun rank
+    of another GPU).
+
+    With `slot_bytes` (the bytes of one batch of patches) and `processes_requested(device)`, CPU
+    decoding runs in `workers` worker processes (`DecodeProcesses`), `workers + 4` batches requested
+    ahead of the embedding over all slides; else in the threads, `2 * workers + 2` ahead. Where
+    /dev/shm cannot hold the slots, the threads decode, with a warning."""
+    pin = _indexed(device) if device.type == "cuda" else None
+    init = None if pin is None else (lambda: torch.cuda.set_device(pin))
+    procs = None
+    if slot_bytes > 0 and processes_requested(device):
+        ahead = workers + 4
+        try:
+            procs = DecodeProcesses(workers, slots=ahead + 3, slot_bytes=slot_bytes)
+        except WsimambaError as e:
+            warnings.warn(f"tile decoding stays in threads: {e}", RuntimeWarning, stacklevel=2)
+    if procs is not None:
+        return ReadPool(workers, workers + 4, initializer=init, procs=procs)
+    return ReadPool(workers, 2 * workers + 2, initializer=init)
+
+
 class TileItems:
-    """Stage 1 for a plan: its `TileBatches` items in order, made by `workers` reader threads (at
-    most `READ_THREADS` when only the device decodes), or in the consuming thread when
-    `workers == 0`. `prefetch`: items to start reading at once, before iteration. Hybrid decoding
+    """Stage 1 for a plan: its `TileBatches` items in order, made by reader threads, or in the
+    consuming thread when `workers == 0`. The threads: those of `pool` (a cohort's shared
+    `read_pool`; reading starts at once, as soon as the pool's budget reaches this slide), else
+    `workers` private ones (at most `READ_THREADS` when only the device decodes). Hybrid decoding
     shares `self.backlog` with the decoding stage. `pin` (a CUDA device): CPU-decoded batches land in
-    pinned memory, allocated by threads set to that device (else they would open a context on GPU 0,
-    also under a torchrun rank of another GPU). Iterate once, then `close()` (idempotent)."""
+    pinned memory. Iterate once, then `close()` (idempotent)."""
 
     def __init__(self, plan: TilePlan, batch_size: int, decoder: str, workers: int,
-                 pin: torch.device | None = None, prefetch: int = 0):
+                 pin: torch.device | None = None, pool: ReadPool | None = None):
         self.plan = plan
         self.decoder = decoder
         self.backlog = DeviceBacklog() if decoder == "hybrid" else None
         pin = _indexed(pin) if pin is not None and pin.type == "cuda" else None
-        self.ds = TileBatches(plan, batch_size, decoder, pin=pin is not None, backlog=self.backlog)
+        self.ds = TileBatches(plan, batch_size, decoder, pin=pin is not None, backlog=self.backlog,
+                              procs=pool.procs if pool is not None else None)
         self._reader: ThreadReader | None = None
-        if workers > 0:
+        if pool is not None:
+            self._reader = ThreadReader(self.ds, pool=pool)
+            self._items = iter(self._reader)
+        elif workers > 0:
             threads = _reader_threads(decoder, workers)
             init = None if pin is None else (lambda: torch.cuda.set_device(pin))
-            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, start=prefetch, initializer=init)
+            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, initializer=init)
             self._items = iter(self._reader)
         else:
             self._items = (self.ds[k] for k in range(len(self.ds)))
@@ -427,14 +666,89 @@ def decode_item(item: dict, plan: TilePlan, device: torch.device, stats: dict, b
     return x
 
 
+class FeatureWrites:
+    """Stage 4, shared by a cohort's slides: one thread that waits for each batch's device→host copy
+    and appends it to its slide's file, in order, and then runs each slide's finishing step (the
+    file's last write and rename) after that slide's batches. The embedding loop waits only while
+    more than `depth` batches are unwritten, so it goes on to the next slide's batches while the last
+    one's file is being finished, and the GPU is not left idle between slides. A failed write is kept
+    by its slide (`SlideWrites`): that slide's later batches are skipped, and other slides go on."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = max(1, int(depth))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-write")
+        self._batches: deque = deque()
+
+    def slide(self, append) -> "SlideWrites":
+        """A slide's writes: `append(features (B, D) float32, start, stop)` runs in this thread."""
+        return SlideWrites(self, append)
+
+    def _batch(self, fn, *args) -> None:
+        self._batches.append(self._executor.submit(fn, *args))
+        while self._batches and (len(self._batches) > self.depth or self._batches[0].done()):
+            wait([self._batches.popleft()])
+
+    def after(self, fn, *args) -> Future:
+        """Run `fn(*args)` in the writing thread after every batch queued so far; its future."""
+        return self._executor.submit(fn, *args)
+
+    def drain(self) -> None:
+        """Wait until every queued write has run."""
+        self.after(lambda: None).result()
+        self._batches.clear()
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        self._executor.shutdown(wait=True)
+
+
+class SlideWrites:
+    """One slide's batches in a `FeatureWrites` thread; `check()` raises the first failed write."""
+
+    def __init__(self, owner: FeatureWrites, append):
+        self.owner = owner
+        self.append = append
+        self.error: BaseException | None = None
+
+    def put(self, host: torch.Tensor, ev, start: int, stop: int) -> None:
+        self.owner._batch(self._write, host, ev, start, stop)
+
+    def _write(self, host: torch.Tensor, ev, start: int, stop: int) -> None:
+        if self.error is not None:
+            return
+        try:
+            if ev is not None:
+                ev.synchronize()
+            self.append(host.float().numpy(), start, stop)
+        except BaseException as e:  # noqa: BLE001 - the slide's owner raises it (check)
+            self.error = e
+
+    def fail(self, error: BaseException) -> None:
+        """Skip this slide's writes still queued (its embedding failed)."""
+        if self.error is None:
+            self.error = error
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, requested: str = "auto",
               progress=None, started=None, choice: tuple[str, str] | None = None,
-              items: TileItems | None = None) -> TileRun:
-    """Embed every patch of `plan`; `append(features (B, D) float32, start, stop)` receives them in
-    order. Returns what was done (decoder, layout, batches per decoder). `started()` is called once
-    the reader threads exist. `choice`: `choose_decoder`'s answer when it was made ahead (it probes
-    the device decoder on sample tiles, which `prepare_slide` does off the critical path). `items`:
-    the plan's stage 1, already reading (`start_items`); closed here.
+              items: TileItems | None = None, pool: ReadPool | None = None) -> TileRun:
+    """Embed every patch of `plan`; `append` receives the features (B, D) float32 in order.
+
+    `append`: a function `append(features, start, stop)`, run in a writing thread of this call, which
+    returns once all are written (raising the first failed write); or a `SlideWrites` of a cohort's
+    `FeatureWrites`, and then this returns as soon as the last batch is queued: the caller waits for
+    the writes (`FeatureWrites.after`) and checks them (`SlideWrites.check`). A failed write stops the
+    embedding at the next batch either way.
+
+    Returns what was done (decoder, layout, batches per decoder). `started()` is called once the
+    reader threads exist. `choice`: `choose_decoder`'s answer when it was made ahead (it probes the
+    device decoder on sample tiles, which `prepare_slide` does off the critical path). `items`: the
+    plan's stage 1, already reading (`start_items`); closed here. `pool`: the cohort's reader threads
+    (`read_pool`), used when `items` is not given.
 
     While it runs, Python's thread switch interval is at most `SWITCH_INTERVAL` (1 ms instead of
     5): every torch call releases the GIL, and with reader threads busy the encoding and decoding
@@ -448,7 +762,7 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
         items.close()
         raise ValueError("run_tiles: the items were started for another plan or decoder")
     if items is None:
-        items = TileItems(plan, batch_size, decoder, workers, pin=device if on_cuda else None)
+        items = TileItems(plan, batch_size, decoder, workers, pin=device if on_cuda else None, pool=pool)
     backlog = items.backlog
     if started is not None:
         try:
@@ -469,19 +783,15 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
             ev.record(stream)
         return item["start"], item["stop"], x, ev
 
+    own = not isinstance(append, SlideWrites)
+    writes = FeatureWrites() if own else append.owner
+    out = writes.slide(append) if own else append
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(old_interval, SWITCH_INTERVAL))
     bg = _Background(iter(items), stage2, depth=3, device=device)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-write")
-    pending: list = []
-
-    def write(host: torch.Tensor, ev, start: int, stop: int):
-        if ev is not None:
-            ev.synchronize()
-        append(host.float().numpy(), start, stop)
-
     try:
         for start, stop, x, ev in bg:
+            out.check()
             if ev is not None:
                 torch.cuda.current_stream(device).wait_event(ev)
                 x.record_stream(torch.cuda.current_stream(device))
@@ -492,16 +802,19 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
                 done.record(torch.cuda.current_stream(device))
             else:
                 host, done = feats, None
-            pending.append(pool.submit(write, host, done, start, stop))
-            while len(pending) > 2 or (pending and pending[0].done()):
-                pending.pop(0).result()
+            out.put(host, done, start, stop)
             if progress is not None:
                 progress.patches_done(stop - start)
-        for f in pending:
-            f.result()
+        if own:
+            writes.drain()
+            out.check()
+    except BaseException as e:
+        out.fail(e)
+        raise
     finally:
         bg.close()
-        pool.shutdown(wait=True)
+        if own:
+            writes.close()
         items.close()
         sys.setswitchinterval(old_interval)
     dev_name = "nvjpeg" if on_cuda else "torchvision-cpu"
@@ -511,14 +824,14 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
                    device_batches=int(stats.get("device_batches", 0)), cpu_batches=int(stats.get("cpu_batches", 0)))
 
 
-def start_items(plan: TilePlan, decoder: str, batch_size: int, workers: int, device: torch.device) -> TileItems | None:
-    """A plan's stage 1, started now with half its reader threads' worth of batches requested, for
-    `run_tiles(items=...)` later; None without reader threads."""
-    if workers <= 0:
+def start_items(plan: TilePlan, decoder: str, batch_size: int, workers: int, device: torch.device,
+                pool: ReadPool | None = None) -> TileItems | None:
+    """A plan's stage 1, started now, for `run_tiles(items=...)` later: on the cohort's `pool` (reading
+    begins as soon as its budget reaches this slide), else on private reader threads with their
+    budget's worth of batches requested; None without reader threads."""
+    if workers <= 0 and pool is None:
         return None
-    threads = _reader_threads(decoder, workers)
-    return TileItems(plan, batch_size, decoder, workers, pin=device if device.type == "cuda" else None,
-                     prefetch=max(1, threads // 2))
+    return TileItems(plan, batch_size, decoder, workers, pin=device if device.type == "cuda" else None, pool=pool)
 
 
 def read_patches(plan: TilePlan, decoder: str = "cpu", device: torch.device | str = "cpu",
