@@ -320,9 +320,15 @@ def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: t
 def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
     """Choose the tile decoder of a prepared slide (probes the device decoder's colours on a few tiles)."""
     if prep.plan is not None:
-        from wsimamba.features.fastread import choose_decoder, requested_decoder
+        from wsimamba.features.fastread import choose_decoder, processes_requested, requested_decoder
 
-        prep.decoder = choose_decoder(prep.plan, device, requested_decoder())
+        requested = requested_decoder()
+        if requested == "auto" and processes_requested(device):
+            # decoding processes keep up with the encoder on their own; nvjpeg next to the encoder
+            # slows it down (its per-tile copies and kernels queue between the encoder's)
+            prep.decoder = ("cpu", "CPU decoding in worker processes")
+        else:
+            prep.decoder = choose_decoder(prep.plan, device, requested)
     return prep
 
 

@@ -121,7 +121,9 @@ class DecodeProcesses:
         from wsimamba.features.prepare import _context
 
         self.processes = max(1, int(processes))
-        self.slot_bytes = int(slot_bytes)
+        self.slot_bytes = -(-int(slot_bytes) // (2 << 20)) * (2 << 20)  # whole 2 MiB pages
+        self._pinned: dict[int, int] = {}  # slot → bytes page-locked for the GPU (see pin())
+        self._pin_device: torch.device | None = None
         self.nslots = max(1, int(slots))
         size = self.nslots * self.slot_bytes
         if not os.path.isdir(shm_dir) or shutil_free(shm_dir) < size:
@@ -138,6 +140,7 @@ class DecodeProcesses:
         self._free: queue.Queue = queue.Queue()
         for k in range(self.nslots):
             self._free.put(k)
+        self._base: int | None = None  # address of the mapping (for page-locking)
         self._ctx = _context()
         self._attach = attach
         self._lock = threading.Lock()
@@ -181,16 +184,52 @@ class DecodeProcesses:
         except BaseException:
             self._free.put(slot)
             raise
+        if self._pin_device is not None:
+            self._pin_slot(slot, nbytes)
         arr = np.ndarray((len(rec), r, r, 3), dtype=np.uint8, buffer=self._map, offset=slot * self.slot_bytes)
         out = torch.from_numpy(arr)
         weakref.finalize(out, self._free.put, slot)
         return out
+
+    def pin(self, device: torch.device) -> None:
+        """Page-lock the slots for `device` as they are used (each slot as far as batches fill it), so
+        that their copies to the GPU are DMA at full speed. The copy is then asynchronous: whoever
+        copies a batch must wait for the copy before dropping the tensor (`device_patches` does)."""
+        if device.type == "cuda":
+            self._pin_device = device
+
+    def _pin_slot(self, slot: int, nbytes: int) -> None:
+        import ctypes
+
+        want = -(-nbytes // (2 << 20)) * (2 << 20)
+        with self._lock:
+            have = self._pinned.get(slot, 0)
+            if have >= want:
+                return
+            if self._base is None:
+                self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+            cudart = torch.cuda.cudart()
+            ptr = self._base + slot * self.slot_bytes
+            if have:
+                cudart.cudaHostUnregister(ptr)
+            if int(cudart.cudaHostRegister(ptr, want, 1)) != 0:  # portable: for every context
+                warnings.warn("cannot page-lock the shared-memory tile slots; copies to the GPU stay pageable",
+                              RuntimeWarning, stacklevel=2)
+                self._pin_device = None
+                self._pinned.pop(slot, None)
+                return
+            self._pinned[slot] = want
 
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+            if self._pinned:
+                torch.cuda.synchronize(self._pin_device)
+                for slot in self._pinned:
+                    torch.cuda.cudart().cudaHostUnregister(self._base + slot * self.slot_bytes)
+                self._pinned.clear()
         _unlink(self.path)
 
 
@@ -258,6 +297,7 @@ class TileBatches:
             patches = self.procs.decode(self.plan, rec)
             if patches is not None:
                 item["patches"] = patches
+                item["slot"] = True  # a shared-memory slot: free only once copied (device_patches waits)
                 return item
         raw = self.reader().read(rec.tiles)
         if not to_device:
@@ -328,6 +368,8 @@ def device_patches(item: dict, plan: TilePlan, device: torch.device, stats: dict
     """A stage-1 item → uint8 (n, patch_size, patch_size, 3) patches on `device`."""
     if "patches" in item:
         patches = item["patches"].to(device, non_blocking=True)
+        if item.get("slot") and device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the slot is reused once the item is dropped
     else:
         rec = recipe_of(item, plan)
         streams = item["streams"]
@@ -607,6 +649,7 @@ def read_pool(workers: int, device: torch.device, slot_bytes: int = 0) -> ReadPo
         ahead = workers + 4
         try:
             procs = DecodeProcesses(workers, slots=ahead + 3, slot_bytes=slot_bytes)
+            procs.pin(device)
         except WsimambaError as e:
             warnings.warn(f"tile decoding stays in threads: {e}", RuntimeWarning, stacklevel=2)
     if procs is not None:
@@ -818,7 +861,8 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
         items.close()
         sys.setswitchinterval(old_interval)
     dev_name = "nvjpeg" if on_cuda else "torchvision-cpu"
-    name = {"cpu": "imagecodecs", "device": dev_name, "hybrid": f"{dev_name}+imagecodecs"}[decoder]
+    cpu_name = "imagecodecs-processes" if items.ds.procs is not None else "imagecodecs"
+    name = {"cpu": cpu_name, "device": dev_name, "hybrid": f"{dev_name}+{cpu_name}"}[decoder]
     return TileRun(decoder=name, layout=plan.layout, detail=detail,
                    device_fallback_batches=int(stats.get("cpu_batches_after_device_error", 0)),
                    device_batches=int(stats.get("device_batches", 0)), cpu_batches=int(stats.get("cpu_batches", 0)))
