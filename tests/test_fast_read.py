@@ -919,15 +919,22 @@ def test_gpu_extract_matches_openslide_and_uses_the_ranks_device(cli_slides, ext
     args = list(CLI_ARGS)
     args[args.index("--device") + 1] = "auto"
     before = [torch.cuda.memory_allocated(i) for i in range(n)]
-    for reader in ("openslide", "auto"):
-        assert run_cli("extract", cli_slides, "--out", tmp_path / reader, *args, "--workers", "2", "--no-qc",
+    # auto: decoding processes (page-locked slots); threads: in-process readers with hybrid decoding
+    for out, reader, procs in (("openslide", "openslide", "auto"), ("auto", "auto", "auto"), ("threads", "auto", "0")):
+        monkeypatch.setenv("WSIMAMBA_TILE_PROCESSES", procs)
+        assert run_cli("extract", cli_slides, "--out", tmp_path / out, *args, "--workers", "2", "--no-qc",
                        "--reader", reader) == 0
     for name in GOOD:
-        f, c, _, attrs = read_features(tmp_path / "auto" / f"{name}.h5")
         f_ref, c_ref, _, _ = read_features(tmp_path / "openslide" / f"{name}.h5")
-        np.testing.assert_array_equal(c, c_ref)
-        assert _cosine(f, f_ref).min() >= 0.999
-        assert attrs["reader"] == "tiles" and attrs["reader_decoder"] in ("nvjpeg+imagecodecs", "imagecodecs")
+        for out in ("auto", "threads"):
+            f, c, _, attrs = read_features(tmp_path / out / f"{name}.h5")
+            np.testing.assert_array_equal(c, c_ref)
+            assert _cosine(f, f_ref).min() >= 0.999, (name, out)
+            assert attrs["reader"] == "tiles"
+        _, _, _, attrs = read_features(tmp_path / "auto" / f"{name}.h5")
+        assert attrs["reader_decoder"] == "imagecodecs-processes" and attrs["reader_device_batches"] == 0
+        _, _, _, attrs = read_features(tmp_path / "threads" / f"{name}.h5")
+        assert attrs["reader_decoder"] in ("nvjpeg+imagecodecs", "imagecodecs")
         if name in NVJPEG_TRUSTED:
             assert attrs["reader_decoder"] == "nvjpeg+imagecodecs" and attrs["reader_device_batches"] >= 1
     if n > 1:
