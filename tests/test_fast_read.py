@@ -574,6 +574,28 @@ def test_decoding_processes_report_bad_tiles_and_survive_a_dead_worker(slides, t
             procs.decode(plan, rec)
         again = procs.decode(plan, rec)
         np.testing.assert_array_equal(again.numpy(), ref)
+        # a slot kept alive by a reference cycle (as a failed batch's traceback can) is collected;
+        # with every slot really in use, the batch is left to the caller's thread instead of waiting forever
+        monkeypatch.setattr("wsimamba.features.fastread.SLOT_WAIT", 0.2)
+
+        class Cycle:
+            pass
+
+        del again
+        import gc
+
+        gc.disable()  # only the decoder's own collection may free the cycle
+        try:
+            cyc = Cycle()
+            cyc.self, cyc.patches = cyc, procs.decode(plan, rec)
+            del cyc
+            held = procs.decode(plan, rec)  # the other slot
+            third = procs.decode(plan, rec)  # waits, collects the cycle, gets its slot
+        finally:
+            gc.enable()
+        np.testing.assert_array_equal(third.numpy(), ref)
+        assert procs.decode(plan, rec) is None  # both slots held by live tensors
+        del held, third
     finally:
         procs.close()
 

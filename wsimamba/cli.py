@@ -188,7 +188,7 @@ def extract(
     fmt: str = typer.Option("h5", "--format", help="h5 (one file per slide) or zarr (one group per slide in features.zarr)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", help="Patches per encoder batch."),
-    workers: int = typer.Option(2, "--workers", help="Readers: DataLoader worker processes (OpenSlide) or threads (native tiles); 0 reads in the main process."),
+    workers: int = typer.Option(2, "--workers", help="Readers: DataLoader worker processes (OpenSlide), or threads (native tiles) plus as many tile-decoding processes on a GPU; 0 reads in the main process."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides that are already complete."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: take the I-th of N deterministic parts of the slide list (SLURM arrays)."),
     no_qc: bool = typer.Option(False, "--no-qc", help="Do not write qc/<slide_id>.png."),

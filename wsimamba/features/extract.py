@@ -495,94 +495,99 @@ def extract_cohort(
         if pool is not None:
             pool.close()
         raise
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    progress.start(len(mine))
-    results: list[SlideResult] = []
-    todo: list[Path] = []
-    for path in mine:
-        sid = slide_id_of(path)
-        if is_complete(out_dir, sid, cfg.format) and not cfg.overwrite:
-            res = SlideResult(sid, str(path), "skipped", output=str(final_path(out_dir, sid, cfg.format)))
-            row = manifest.get(sid)
-            if row is None or row.get("status") != "ok":
-                # complete output without a manifest row (e.g. the manifest was deleted): rebuild it
+    try:  # the pool's processes are stopped if anything below fails before the loop's own cleanup
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(out_dir)
+        progress.start(len(mine))
+        results: list[SlideResult] = []
+        todo: list[Path] = []
+        for path in mine:
+            sid = slide_id_of(path)
+            if is_complete(out_dir, sid, cfg.format) and not cfg.overwrite:
+                res = SlideResult(sid, str(path), "skipped", output=str(final_path(out_dir, sid, cfg.format)))
+                row = manifest.get(sid)
+                if row is None or row.get("status") != "ok":
+                    # complete output without a manifest row (e.g. the manifest was deleted): rebuild it
+                    try:
+                        feats, _, _, _ = read_features(final_path(out_dir, sid, cfg.format))
+                        res.patches = int(feats.shape[0])
+                    except WsimambaError:
+                        pass
+                    update_manifest(out_dir, {**res.__dict__, "status": "ok", "seconds": ""})
+                else:
+                    res.patches = int(row.get("patches") or 0)
+                results.append(res)
+                progress.slide_end(res)
+                continue
+            if cfg.overwrite:
+                remove_output(out_dir, sid, cfg.format)
+            todo.append(path)
+
+        # The next slides are prepared (opened, tissue found, grid laid, QC written, reader picked) while
+        # the current one is embedded, so the GPU does not wait for that between slides: in up to
+        # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else
+        # in a thread. Preparation starts once the current slide's reader has started: in a thread, so as
+        # never to fork DataLoader workers while that thread is inside OpenSlide (a child could inherit a
+        # lock nobody will release).
+        procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
+        if procs:
+            preparer = SlidePreparer(prepare_cpu, todo, (out_dir, cfg, device.type), processes=procs,
+                                     finish=lambda prep: with_decoder(prep, device))
+        else:
+            preparer = SlidePreparer(prepare_slide, todo, (out_dir, cfg, device))
+        ahead = procs + 1 if procs else 1  # processes: keep the pool one slide ahead of its workers
+
+        def prepare_ahead(k: int) -> None:
+            for j in range(k, k + ahead):
+                preparer.submit(j)
+
+        # The next slides' tiles start being read (and decoded on the CPU) as soon as they are prepared,
+        # while the current slide is still being embedded, up to the pool's budget of batches: a small
+        # slide's batches keep only some of the readers busy otherwise, and its first batch arrives only
+        # after one reader has decoded it. A slide's last writes and the finishing of its file happen in
+        # the writing thread while the next slide is embedded; results are recorded in slide order as
+        # they complete.
+        writes = FeatureWrites()
+        readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead")
+        reading: dict[int, object] = {}
+        started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
+
+        def read_ahead(k: int) -> None:
+            if pool is None or k >= len(todo) or k in reading:
+                return
+
+            def attach() -> None:
+                prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
+                if prep.plan is not None and prep.decoder is not None:
+                    prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device, pool=pool)
+                    started_items[k] = prep.items
+
+            reading[k] = readahead.submit(attach)
+
+        def on_started(i: int) -> None:
+            prepare_ahead(i + 1)
+            for k in range(i + 1, i + 1 + READ_AHEAD_SLIDES):
+                read_ahead(k)
+
+        inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
+
+        def record(block: bool) -> None:
+            while inflight and (block or inflight[0][2].done()):
+                path, t0, fut = inflight.popleft()
                 try:
-                    feats, _, _, _ = read_features(final_path(out_dir, sid, cfg.format))
-                    res.patches = int(feats.shape[0])
-                except WsimambaError:
-                    pass
-                update_manifest(out_dir, {**res.__dict__, "status": "ok", "seconds": ""})
-            else:
-                res.patches = int(row.get("patches") or 0)
-            results.append(res)
-            progress.slide_end(res)
-            continue
-        if cfg.overwrite:
-            remove_output(out_dir, sid, cfg.format)
-        todo.append(path)
-
-    # The next slides are prepared (opened, tissue found, grid laid, QC written, reader picked) while
-    # the current one is embedded, so the GPU does not wait for that between slides: in up to
-    # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else
-    # in a thread. Preparation starts once the current slide's reader has started: in a thread, so as
-    # never to fork DataLoader workers while that thread is inside OpenSlide (a child could inherit a
-    # lock nobody will release).
-    procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
-    if procs:
-        preparer = SlidePreparer(prepare_cpu, todo, (out_dir, cfg, device.type), processes=procs,
-                                 finish=lambda prep: with_decoder(prep, device))
-    else:
-        preparer = SlidePreparer(prepare_slide, todo, (out_dir, cfg, device))
-    ahead = procs + 1 if procs else 1  # processes: keep the pool one slide ahead of its workers
-
-    def prepare_ahead(k: int) -> None:
-        for j in range(k, k + ahead):
-            preparer.submit(j)
-
-    # The next slides' tiles start being read (and decoded on the CPU) as soon as they are prepared,
-    # while the current slide is still being embedded, up to the pool's budget of batches: a small
-    # slide's batches keep only some of the readers busy otherwise, and its first batch arrives only
-    # after one reader has decoded it. A slide's last writes and the finishing of its file happen in
-    # the writing thread while the next slide is embedded; results are recorded in slide order as
-    # they complete.
-    writes = FeatureWrites()
-    readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead")
-    reading: dict[int, object] = {}
-    started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
-
-    def read_ahead(k: int) -> None:
-        if pool is None or k >= len(todo) or k in reading:
-            return
-
-        def attach() -> None:
-            prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
-            if prep.plan is not None and prep.decoder is not None:
-                prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device, pool=pool)
-                started_items[k] = prep.items
-
-        reading[k] = readahead.submit(attach)
-
-    def on_started(i: int) -> None:
-        prepare_ahead(i + 1)
-        for k in range(i + 1, i + 1 + READ_AHEAD_SLIDES):
-            read_ahead(k)
-
-    inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
-
-    def record(block: bool) -> None:
-        while inflight and (block or inflight[0][2].done()):
-            path, t0, fut = inflight.popleft()
-            try:
-                res = fut.result()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:
-                res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
-                                  error=_one_line(e))
-            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
-            results.append(res)
-            progress.slide_end(res)
+                    res = fut.result()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:
+                    res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
+                                      error=_one_line(e))
+                update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+                results.append(res)
+                progress.slide_end(res)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
 
     try:
         prepare_ahead(0)

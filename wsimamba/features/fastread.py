@@ -2,25 +2,34 @@
 
 Four stages overlap, so the encoder does not wait for reading or decoding:
 
-1. reading (`workers` threads of this process; `TileItems`): one item per batch of patches; a
-   thread reads the tile bytes the batch needs with plain `pread`s (`TileReader`), then either
-   turns them into self-contained JPEG streams for the device decoder or decodes and assembles
-   them itself (libjpeg-turbo via imagecodecs, which releases the GIL, with the colour space forced
-   from the TIFF photometric) into pinned memory. Threads, not processes: they start in
-   microseconds (forking 16 DataLoader workers cost ~0.2 s per slide on an H200 host), and decoded
-   patches need no copy between processes;
+1. reading (`TileItems`): one item per batch of patches, made by reader threads. In a cohort the
+   threads are shared by all slides (`ReadPool`, `read_pool`), with one budget of batches requested
+   ahead of the embedding, served in slide order: the next slides are read while this one is
+   embedded. A thread either hands the batch to a decoding process (`DecodeProcesses`: read, decode
+   and assemble into a page-locked shared-memory slot; the default on CUDA), or reads the tile bytes
+   itself with plain `pread`s (`TileReader`) and then decodes and assembles them (libjpeg-turbo via
+   imagecodecs, with the colour space forced from the TIFF photometric) into pinned memory, or turns
+   them into self-contained JPEG streams for the device decoder. Threads start in microseconds
+   (forking 16 DataLoader workers cost ~0.2 s per slide on an H200 host); the decoding processes
+   live for the whole cohort;
 2. decoding (one thread, its own CUDA stream): `torchvision.io.decode_jpeg(list, device=...)` (nvjpeg
    on CUDA), assembly of patches with one gather, resize to the grid's patch size; or, for
-   CPU-decoded batches, the copy of pinned patches to the device and the resize;
-3. encoding (the calling thread): normalisation and the encoder, then a non-blocking copy of the
-   features to the host;
-4. writing (one thread): waits for the copy and appends to the feature file.
+   CPU-decoded batches, the copy of the patches to the device and the resize;
+3. encoding (the calling thread): normalisation and the encoder (`PatchEmbedder`: CUDA graphs on
+   CUDA), then a non-blocking copy of the features to the host;
+4. writing (one thread, `FeatureWrites`, shared by a cohort): waits for the copy and appends to the
+   feature file; a slide's file is finished there too, while the next slide is embedded.
 
-Decoders (`WSIMAMBA_TILE_DECODER`): `cpu`, `device`, or `hybrid` (the default on CUDA): batches go to
-the device decoder while fewer than `HYBRID_BACKLOG` wait for it, and the reader threads decode the
-rest on the CPU. nvjpeg issues a host-to-device copy and a colour-conversion kernel per tile, which
-queue behind the encoder's kernels: on an H200 next to ResNet-50 it decoded 5.5k patches/s, against
-31k alone, while 12 reader threads decode 14k/s on the CPU. The two decoders agree within JPEG
+Why processes decode on CUDA: every `pread`, decoder call and torch call releases the GIL and must
+win it back. With twelve decoding threads in the embedding process (16-core H200 host), each thread,
+the encoding one included, kept about a third of a core busy and the pipeline ran at 6-7k patches/s
+(ResNet-50, 224 px), the GPU ~60% busy; with decoding processes, 10.5-11k once started.
+
+Decoders (`WSIMAMBA_TILE_DECODER`): `cpu`, `device`, or `hybrid` (the default when reader threads
+decode on CUDA; with decoding processes `auto` means `cpu`): batches go to the device decoder while
+fewer than `HYBRID_BACKLOG` wait for it, and the CPU decodes the rest. nvjpeg issues a host-to-device
+copy and a colour-conversion kernel per tile, which queue behind the encoder's kernels: on an H200
+next to ResNet-50 it decoded 5.5k patches/s, against 31k alone. The two decoders agree within JPEG
 rounding (the probe below checks it per slide); `cpu` or `device` give a run that does not depend
 on timing.
 
@@ -94,6 +103,7 @@ class DeviceBacklog:
 
 PROCESSES_ENV = "WSIMAMBA_TILE_PROCESSES"  # auto | 0 | 1: CPU tile decoding in worker processes (auto: on CUDA)
 SHM_DIR = "/dev/shm"
+SLOT_WAIT = 5.0  # seconds a decoding-process batch waits for a free slot before a garbage collection
 
 
 def processes_requested(device: torch.device) -> bool:
@@ -166,7 +176,9 @@ class DecodeProcesses:
         if nbytes > self.slot_bytes:
             return None
         lv = plan.level
-        slot = self._free.get()
+        slot = self._take_slot()
+        if slot is None:
+            return None
         try:
             job = DecodeJob(path=str(lv.path), page=lv.page, tiles=rec.tiles, offsets=lv.offsets[rec.tiles],
                             counts=lv.counts[rec.tiles], tables=lv.tables, colorspace=lv.colorspace, recipe=rec,
@@ -190,6 +202,23 @@ class DecodeProcesses:
         out = torch.from_numpy(arr)
         weakref.finalize(out, self._free.put, slot)
         return out
+
+    def _take_slot(self) -> int | None:
+        """A free slot; None (the caller decodes in its thread) if none frees up. The read-ahead
+        budget keeps fewer batches alive than there are slots, but a failed slide's batch can stay
+        referenced from its exception's traceback (a reference cycle) until the garbage collector
+        runs: collect once rather than wait for it."""
+        try:
+            return self._free.get(timeout=SLOT_WAIT)
+        except queue.Empty:
+            pass
+        import gc
+
+        gc.collect()
+        try:
+            return self._free.get(timeout=SLOT_WAIT)
+        except queue.Empty:
+            return None
 
     def pin(self, device: torch.device) -> None:
         """Page-lock the slots for `device` as they are used (each slot as far as batches fill it), so
