@@ -155,27 +155,36 @@ def _note(text: str) -> None:
 
 
 class _Timeline:
-    """Progress events with their times: how long each slide's embedding took, and how long the
-    embedding loop waited between slides (for the next slide's preparation or reader)."""
+    """Progress events with their times: how long each slide's embedding took (its start to its last
+    batch), how long the embedding loop paused between slides (a slide's last batch to the next one's
+    first: preparation, reading or finishing files in the way), and the first start to the last end."""
 
     def __init__(self):
         self.starts: list[float] = []
+        self.first_batch: list[float | None] = []
+        self.last_batch: list[float | None] = []
         self.ends: list[float] = []
 
     def start(self, n_slides: int) -> None: ...
 
     def slide_start(self, slide_id: str, n_patches: int) -> None:
         self.starts.append(time.perf_counter())
+        self.first_batch.append(None)
+        self.last_batch.append(None)
 
-    def patches_done(self, n: int) -> None: ...
+    def patches_done(self, n: int) -> None:
+        t = time.perf_counter()
+        if self.first_batch[-1] is None:
+            self.first_batch[-1] = t
+        self.last_batch[-1] = t
 
     def slide_end(self, result) -> None:
         if result.status != "skipped":
             self.ends.append(time.perf_counter())
 
     def summary(self) -> dict:
-        embed = [e - s for s, e in zip(self.starts, self.ends)]
-        gaps = [s - e for e, s in zip(self.ends[:-1], self.starts[1:])]
+        embed = [b - s for s, b in zip(self.starts, self.last_batch) if b is not None]
+        gaps = [f - b for b, f in zip(self.last_batch[:-1], self.first_batch[1:]) if b is not None and f is not None]
         return {"embed_ms_per_slide": round(1000 * float(np.mean(embed)), 1) if embed else None,
                 "wait_ms_between_slides": round(1000 * float(np.mean(gaps)), 1) if gaps else None,
                 "first_to_last_s": (self.ends[-1] - self.starts[0]) if self.ends else None}
@@ -282,6 +291,9 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"benchmark": "extract-readers", "date": datetime.date.today().isoformat(), "device": device_name(device),
+            "tile_processes": os.environ.get("WSIMAMBA_TILE_PROCESSES", "auto"),
+            "tile_decoder": os.environ.get("WSIMAMBA_TILE_DECODER", "auto"),
+            "cuda_graphs": os.environ.get("WSIMAMBA_CUDA_GRAPHS", "1"),
             "workers": args.workers, "batch_size": args.batch_size, "slide_mpp": args.mpp, "target_mpp": args.target_mpp,
             "slides": len(slide_paths), "slide_size": args.size}
     print(f"# {meta['device']}, {meta['date']}: {len(slide_paths)} synthetic SVS of {args.size}² px at {args.mpp} µm/px, "
