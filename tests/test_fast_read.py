@@ -536,6 +536,34 @@ def test_decoding_processes_give_the_threads_pixels_and_free_their_slots(slides,
     assert _shm_files() == before
 
 
+def test_slot_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    """A killed run leaves its shared-memory slot file behind; the next run removes files whose
+    process is gone and keeps those of running processes (and files not named like slots)."""
+    import os
+    import subprocess
+    import sys
+
+    from wsimamba.features.fastread import SLOT_PREFIX, DecodeProcesses, remove_stale_slots
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"{SLOT_PREFIX}{dead}-abc"
+    live = tmp_path / f"{SLOT_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{SLOT_PREFIX}notapid"
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    assert remove_stale_slots(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+    stale.write_bytes(b"x")
+    procs = DecodeProcesses(1, slots=1, slot_bytes=1 << 20, shm_dir=str(tmp_path))  # sweeps on start
+    try:
+        assert not stale.exists() and live.exists()
+        assert os.path.basename(procs.path).startswith(f"{SLOT_PREFIX}{os.getpid()}-")
+    finally:
+        procs.close()
+    assert not os.path.exists(procs.path)
+
+
 def test_decoding_processes_report_bad_tiles_and_survive_a_dead_worker(slides, tmp_path, monkeypatch):
     """A tile cut short raises a SlideError naming the file at its batch, and its slot comes back; a
     worker that dies fails the batch it was decoding with a SlideError, and the next batches decode
@@ -850,6 +878,57 @@ def _list(tmp_path: Path, *names: str) -> Path:
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(names) + "\n")
     return lst
+
+
+def test_interrupted_tile_run_with_decoding_processes_stops_cleanly_and_resumes(cli_slides, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, decoding processes included) in the middle of a
+    native-tile extraction with decoding processes: the command exits (130) instead of hanging, what
+    is under a final name is complete, its shared-memory file is gone, and a rerun finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "f"
+    env = dict(os.environ, WSIMAMBA_TILE_PROCESSES="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-m", "wsimamba", "extract", str(cli_slides), "--out", str(out), "--encoder",
+            "timm:test_vit", "--random-init", "--target-mpp", "2.0", "--patch-size", "64", "--device", "cpu",
+            "--batch-size", "1", "--workers", "2", "--reader", "tiles", "--no-qc",
+            "--slide-list", str(_list(tmp_path, "rgb_aperio", "synth_svs", "synth_tiff", "ycc_tiff"))]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("*.h5")):
+            time.sleep(0.05)
+        assert list(out.glob("*.h5")), "no slide finished"
+        assert _shm_files_of(proc.pid)  # the run's slot file exists while it runs
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 130, proc.stderr.read()[-2000:]
+    assert not _shm_files_of(proc.pid)
+    done = sorted(p.stem for p in out.glob("*.h5"))
+    assert 1 <= len(done) < 4
+    for sid in done:
+        feats, coords, _, attrs = read_features(out / f"{sid}.h5")
+        assert len(feats) == len(coords) > 0 and attrs["reader_decoder"] == "imagecodecs-processes"
+    rerun = subprocess.run(args[:args.index("--batch-size")] + ["--batch-size", "16"] + args[args.index("--workers"):],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(p.stem for p in out.glob("*.h5")) == ["rgb_aperio", "synth_svs", "synth_tiff", "ycc_tiff"]
+    assert not list(out.glob(".*.partial"))
+
+
+def _shm_files_of(pid: int) -> list:
+    import glob
+
+    return glob.glob(f"/dev/shm/wsimamba-tiles-{pid}-*")
 
 
 @pytest.mark.parametrize("decoder", ["device", "hybrid"])

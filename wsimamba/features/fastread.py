@@ -103,6 +103,7 @@ class DeviceBacklog:
 
 PROCESSES_ENV = "WSIMAMBA_TILE_PROCESSES"  # auto | 0 | 1: CPU tile decoding in worker processes (auto: on CUDA)
 SHM_DIR = "/dev/shm"
+SLOT_PREFIX = "wsimamba-tiles-"  # slot files: SLOT_PREFIX + "<pid of the embedding process>-<random>"
 SLOT_WAIT = 5.0  # seconds a decoding-process batch waits for a free slot before a garbage collection
 
 
@@ -140,7 +141,8 @@ class DecodeProcesses:
             raise WsimambaError(f"{shm_dir}: not enough shared memory for {size / 2**30:.1f} GiB of decoded tiles")
         import weakref
 
-        fd, self.path = tempfile.mkstemp(prefix="wsimamba-tiles-", dir=shm_dir)
+        remove_stale_slots(shm_dir)
+        fd, self.path = tempfile.mkstemp(prefix=f"{SLOT_PREFIX}{os.getpid()}-", dir=shm_dir)
         weakref.finalize(self, _unlink, self.path)  # also at exit, should close() never run
         try:
             os.ftruncate(fd, size)
@@ -260,6 +262,32 @@ class DecodeProcesses:
                     torch.cuda.cudart().cudaHostUnregister(self._base + slot * self.slot_bytes)
                 self._pinned.clear()
         _unlink(self.path)
+
+
+def remove_stale_slots(shm_dir: str = SHM_DIR) -> list[str]:
+    """Remove slot files left by killed runs (SIGKILL skips every clean-up): a file is named after the
+    process that made it, and removed when no such process exists any more. Returns what it removed."""
+    import glob
+
+    gone = []
+    for path in glob.glob(os.path.join(shm_dir, SLOT_PREFIX + "*")):
+        try:
+            pid = int(os.path.basename(path)[len(SLOT_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        try:
+            os.unlink(path)
+            gone.append(path)
+        except OSError:
+            pass
+    return gone
 
 
 def _unlink(path: str) -> None:
