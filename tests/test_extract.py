@@ -232,6 +232,38 @@ def test_next_slide_is_prepared_while_this_one_is_embedded(bad_cohort, tmp_path,
         ("broken", "failed"), ("nompp", "failed"), (good[0].slide_id, "skipped"), (good[1].slide_id, "skipped")]
 
 
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(), reason="no forkserver")
+def test_worker_processes_fork_from_a_server_that_ran_the_main_script_once(tmp_path):
+    """A user's script that calls the extraction (and imports torch at its top) is imported once by
+    the fork server, not once more by every preparing or decoding process forked from it."""
+    log = tmp_path / "imports.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(f"""
+import os
+with open({str(log)!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")  # every import of this script leaves its process id
+
+if __name__ == "__main__":
+    from tests.prepare_helpers import fake_prepare
+    from wsimamba.features.prepare import SlidePreparer
+
+    paths = [f"slide{{k}}.svs" for k in range(6)]
+    prep = SlidePreparer(fake_prepare, paths, (0.3,), processes=3)
+    for k in range(6):
+        prep.submit(k)
+    pids = {{prep.result(k)["pid"] for k in range(6)}}
+    prep.close()
+    print(" ".join(map(str, sorted(pids))))
+""")
+    out = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    workers = {int(v) for v in out.stdout.split()}
+    imported = [int(v) for v in log.read_text().split()]
+    assert len(workers) == 3
+    assert len(imported) == 2  # the script itself and the fork server
+    assert not workers & set(imported)
+
+
 @pytest.mark.parametrize("processes", [0, 2])
 def test_slide_preparer_isolates_crashes_and_keeps_going(processes):
     """Preparation in worker processes: results come from other processes and pass through `finish`

@@ -11,6 +11,7 @@ imports no torch, so those processes start in well under a second.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -104,18 +105,29 @@ def prepare_cpu(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device_type
                          time.perf_counter() - t0)
 
 
-FORKSERVER_PRELOAD = ["__main__", "wsimamba.features.prepare", "wsimamba.features.decodeprocs"]
+FORKSERVER_PRELOAD = ["wsimamba.features._mpmain", "wsimamba.features.prepare", "wsimamba.features.decodeprocs"]
 
 
 def _context():
     """forkserver where there is one (a clean process to fork from: no CUDA, no held locks), else spawn.
 
-    The fork server imports the caller's main module and the worker modules once, before its first
-    child (`FORKSERVER_PRELOAD`); each child is then a fork of it. Without the preload every child
-    imported the main module itself: 15 processes importing torch took ~6 s of a 36 s extraction on
-    an H200 host with `benchmarks/extract.py` as the main module."""
+    The fork server imports the caller's main script (`_mpmain`) and the worker modules once, before
+    its first child (`FORKSERVER_PRELOAD`); each child is then a fork of it and skips them. Without
+    that, every decoding or preparing process re-ran a main script that imports torch (about a second
+    of CPU each)."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
+    from multiprocessing import spawn
+
+    from wsimamba.features._mpmain import MAIN_ENV
+
+    # read by the fork server when it starts (it inherits the environment); this process's own main
+    # script, never one inherited from a parent process
+    main_path = spawn.get_preparation_data("wsimamba").get("init_main_from_path")
+    if main_path:
+        os.environ[MAIN_ENV] = main_path
+    else:
+        os.environ.pop(MAIN_ENV, None)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
     return ctx
