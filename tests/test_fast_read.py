@@ -538,27 +538,29 @@ def test_decoding_processes_give_the_threads_pixels_and_free_their_slots(slides,
 
 def test_slot_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     """A killed run leaves its shared-memory slot file behind; the next run removes files whose
-    process is gone and keeps those of running processes (and files not named like slots)."""
+    process is gone and keeps those of running processes, those of another pid namespace (a container
+    sharing /dev/shm), and files not named like slots."""
     import os
     import subprocess
     import sys
 
-    from wsimamba.features.fastread import SLOT_PREFIX, DecodeProcesses, remove_stale_slots
+    from wsimamba.features.fastread import SLOT_PREFIX, DecodeProcesses, remove_stale_slots, slot_owner
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = tmp_path / f"{SLOT_PREFIX}{dead}-abc"
-    live = tmp_path / f"{SLOT_PREFIX}{os.getpid()}-def"
+    stale = tmp_path / f"{SLOT_PREFIX}{slot_owner(int(dead))}-abc"
+    live = tmp_path / f"{SLOT_PREFIX}{slot_owner()}-def"
+    foreign = tmp_path / f"{SLOT_PREFIX}1-{dead}-ghi"  # same dead pid, another namespace
     other = tmp_path / f"{SLOT_PREFIX}notapid"
-    for f in (stale, live, other):
+    for f in (stale, live, foreign, other):
         f.write_bytes(b"x")
     assert remove_stale_slots(str(tmp_path)) == [str(stale)]
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and foreign.exists() and other.exists()
     stale.write_bytes(b"x")
     procs = DecodeProcesses(1, slots=1, slot_bytes=1 << 20, shm_dir=str(tmp_path))  # sweeps on start
     try:
         assert not stale.exists() and live.exists()
-        assert os.path.basename(procs.path).startswith(f"{SLOT_PREFIX}{os.getpid()}-")
+        assert os.path.basename(procs.path).startswith(f"{SLOT_PREFIX}{slot_owner()}-")
     finally:
         procs.close()
     assert not os.path.exists(procs.path)
@@ -928,7 +930,7 @@ def test_interrupted_tile_run_with_decoding_processes_stops_cleanly_and_resumes(
 def _shm_files_of(pid: int) -> list:
     import glob
 
-    return glob.glob(f"/dev/shm/wsimamba-tiles-{pid}-*")
+    return glob.glob(f"/dev/shm/wsimamba-tiles-*-{pid}-*")
 
 
 @pytest.mark.parametrize("decoder", ["device", "hybrid"])

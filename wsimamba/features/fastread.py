@@ -103,7 +103,7 @@ class DeviceBacklog:
 
 PROCESSES_ENV = "WSIMAMBA_TILE_PROCESSES"  # auto | 0 | 1: CPU tile decoding in worker processes (auto: on CUDA)
 SHM_DIR = "/dev/shm"
-SLOT_PREFIX = "wsimamba-tiles-"  # slot files: SLOT_PREFIX + "<pid of the embedding process>-<random>"
+SLOT_PREFIX = "wsimamba-tiles-"  # slot files: SLOT_PREFIX + "<pid namespace>-<pid>-<random>" (`slot_owner`)
 SLOT_WAIT = 5.0  # seconds a decoding-process batch waits for a free slot before a garbage collection
 
 
@@ -142,7 +142,7 @@ class DecodeProcesses:
         import weakref
 
         remove_stale_slots(shm_dir)
-        fd, self.path = tempfile.mkstemp(prefix=f"{SLOT_PREFIX}{os.getpid()}-", dir=shm_dir)
+        fd, self.path = tempfile.mkstemp(prefix=f"{SLOT_PREFIX}{slot_owner()}-", dir=shm_dir)
         weakref.finalize(self, _unlink, self.path)  # also at exit, should close() never run
         try:
             os.ftruncate(fd, size)
@@ -264,15 +264,33 @@ class DecodeProcesses:
         _unlink(self.path)
 
 
+def _pid_namespace() -> str:
+    try:
+        return "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit()) or "0"
+    except OSError:
+        return "0"
+
+
+def slot_owner(pid: int | None = None) -> str:
+    """"<pid namespace>-<pid>": whose slot file it is. The namespace keeps a container that shares
+    /dev/shm (but not process ids) with another from taking that one's live files for stale ones."""
+    return f"{_pid_namespace()}-{os.getpid() if pid is None else int(pid)}"
+
+
 def remove_stale_slots(shm_dir: str = SHM_DIR) -> list[str]:
     """Remove slot files left by killed runs (SIGKILL skips every clean-up): a file is named after the
-    process that made it, and removed when no such process exists any more. Returns what it removed."""
+    process that made it (`slot_owner`), and removed when that process, in this process's pid
+    namespace, no longer exists. Returns what it removed."""
     import glob
 
     gone = []
+    ns = _pid_namespace()
     for path in glob.glob(os.path.join(shm_dir, SLOT_PREFIX + "*")):
+        parts = os.path.basename(path)[len(SLOT_PREFIX):].split("-")
+        if len(parts) < 3 or parts[0] != ns:
+            continue  # another namespace's (or not a slot file)
         try:
-            pid = int(os.path.basename(path)[len(SLOT_PREFIX):].split("-")[0])
+            pid = int(parts[1])
         except ValueError:
             continue
         try:
