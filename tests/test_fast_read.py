@@ -536,6 +536,25 @@ def test_decoding_processes_give_the_threads_pixels_and_free_their_slots(slides,
     assert _shm_files() == before
 
 
+def test_a_corrupt_tile_names_its_file_in_the_reader_threads(slides, tmp_path):
+    """In the reader threads too (no decoding processes), a tile that does not decode fails its
+    batch with a SlideError naming the file and the tile."""
+    from wsimamba.errors import SlideError
+
+    src = slides["synth_svs"]
+    with open_slide(src) as slide:
+        plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=16))
+    first = int(plan.recipe(0, 8).tiles[0])
+    off, n = int(plan.level.offsets[first]), int(plan.level.counts[first])
+    data = bytearray(src.read_bytes())
+    data[off + 2: off + n] = bytes(n - 2)
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(bytes(data))
+    plan.level.path = bad
+    with pytest.raises(SlideError, match=rf"bad\.svs: tile {first} of page \d+ (does not decode|decodes to)"):
+        read_patches(plan, "cpu", "cpu", batch_size=8, workers=2)
+
+
 def test_slot_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     """A killed run leaves its shared-memory slot file behind; the next run removes files whose
     process is gone and keeps those of running processes, those of another pid namespace (a container
@@ -596,6 +615,20 @@ def test_decoding_processes_report_bad_tiles_and_survive_a_dead_worker(slides, t
         finally:
             plan.level.path = src
         assert procs._free.qsize() == 2  # the failed batch gave its slot back, the dropped patches theirs
+        # a corrupt tile (its bytes overwritten) names the file and the tile
+        bad = tmp_path / "bad.svs"
+        data = bytearray(src.read_bytes())
+        first = int(rec.tiles[0])
+        off, n = int(plan.level.offsets[first]), int(plan.level.counts[first])
+        data[off + 2: off + n] = bytes(n - 2)  # keep the SOI marker, zero the rest
+        bad.write_bytes(bytes(data))
+        plan.level.path = bad
+        try:
+            with pytest.raises(SlideError, match=rf"bad\.svs: tile {first} of page \d+ (does not decode|decodes to)"):
+                procs.decode(plan, rec)
+        finally:
+            plan.level.path = src
+        assert procs._free.qsize() == 2
         procs._pool.submit(os._exit, 3)  # a worker dies
         import time
 

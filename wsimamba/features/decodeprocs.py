@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wsimamba.errors import SlideError
-from wsimamba.slide.tiles import Recipe, assemble_copies, decode_tile_cpu
+from wsimamba.slide.tiles import Recipe, assemble_copies, decode_tile_checked
 
 MAX_OPEN_FILES = 8  # slide files a worker keeps open
 
@@ -78,11 +78,13 @@ def decode_into(job: DecodeJob) -> int:
             raise SlideError(f"{job.path}: tile {int(job.tiles[k])} of page {job.page} is cut short "
                              f"({len(data)} of {n} bytes at offset {off})")
         raw[k] = data
-    tiles = [decode_tile_cpu(b, job.tables, job.colorspace) for b in raw]
-    r = job.recipe.size
-    out = np.ndarray((len(job.recipe), r, r, 3), dtype=np.uint8, buffer=_slots, offset=job.offset)
-    assemble_copies(tiles, job.recipe, out)
-    return len(job.recipe)
+    rec = job.recipe
+    tiles = [decode_tile_checked(b, job.tables, job.colorspace, job.path, job.page, int(t), rec.tile_w, rec.tile_h)
+             for b, t in zip(raw, job.tiles)]
+    r = rec.size
+    out = np.ndarray((len(rec), r, r, 3), dtype=np.uint8, buffer=_slots, offset=job.offset)
+    assemble_copies(tiles, rec, out)
+    return len(rec)
 
 
 def ready() -> int:

@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import SlideError, WsimambaError
-from wsimamba.slide.tiles import Recipe, TilePlan, TileReader, assemble_copies, decode_tile_cpu, jpeg_stream
+from wsimamba.slide.tiles import (Recipe, TilePlan, TileReader, assemble_copies, decode_tile_checked, decode_tile_cpu,
+                                  jpeg_stream)
 
 PROBE_TILES = 8
 PROBE_MAX_MAE = 2.0
@@ -376,7 +377,8 @@ class TileBatches:
                 return item
         raw = self.reader().read(rec.tiles)
         if not to_device:
-            tiles = [decode_tile_cpu(b, lv.tables, lv.colorspace) for b in raw]
+            tiles = [decode_tile_checked(b, lv.tables, lv.colorspace, lv.path, lv.page, int(t), lv.tile_w, lv.tile_h)
+                     for b, t in zip(raw, rec.tiles)]
             r = rec.size
             out = torch.empty((len(rec), r, r, 3), dtype=torch.uint8, pin_memory=self.pin)
             assemble_copies(tiles, rec, out.numpy())

@@ -162,6 +162,21 @@ def decode_tile_cpu(tile: bytes, tables: bytes | None, colorspace: str) -> np.nd
     return out
 
 
+def decode_tile_checked(tile: bytes, tables: bytes | None, colorspace: str, path, page: int, index: int,
+                        tile_w: int, tile_h: int) -> np.ndarray:
+    """`decode_tile_cpu` for tile `index` of page `page` of `path`, raising a SlideError that names them
+    when the tile does not decode or decodes to another size than the level's tiles."""
+    try:
+        out = decode_tile_cpu(tile, tables, colorspace)
+    except Exception as e:  # noqa: BLE001 - a corrupt tile: name it
+        raise SlideError(f"{path}: tile {index} of page {page} does not decode "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if out.shape[:2] != (tile_h, tile_w):
+        raise SlideError(f"{path}: tile {index} of page {page} decodes to {out.shape[1]}x{out.shape[0]} px, "
+                         f"not {tile_w}x{tile_h}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # One pyramid level as a TIFF page
 
