@@ -3,6 +3,7 @@ RGB-coded JPEG, every patch in its place, and the fallback to OpenSlide where ti
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import shutil
@@ -545,14 +546,29 @@ def test_a_corrupt_tile_names_its_file_in_the_reader_threads(slides, tmp_path):
     with open_slide(src) as slide:
         plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=16))
     first = int(plan.recipe(0, 8).tiles[0])
-    off, n = int(plan.level.offsets[first]), int(plan.level.counts[first])
+    with _reading_from(plan, _corrupt_tile_copy(src, plan, first, tmp_path / "bad.svs")):
+        with pytest.raises(SlideError, match=rf"bad\.svs: tile {first} of page \d+ (does not decode|decodes to)"):
+            read_patches(plan, "cpu", "cpu", batch_size=8, workers=2)
+
+
+def _corrupt_tile_copy(src: Path, plan: TilePlan, tile: int, dest: Path) -> Path:
+    """A copy of `src` whose tile `tile` (of the plan's level) keeps its SOI marker and is zero after it."""
+    off, n = int(plan.level.offsets[tile]), int(plan.level.counts[tile])
     data = bytearray(src.read_bytes())
     data[off + 2: off + n] = bytes(n - 2)
-    bad = tmp_path / "bad.svs"
-    bad.write_bytes(bytes(data))
-    plan.level.path = bad
-    with pytest.raises(SlideError, match=rf"bad\.svs: tile {first} of page \d+ (does not decode|decodes to)"):
-        read_patches(plan, "cpu", "cpu", batch_size=8, workers=2)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@contextlib.contextmanager
+def _reading_from(plan: TilePlan, path: Path):
+    """The plan reads its tiles from `path` (a damaged copy of its slide) while inside."""
+    src = plan.level.path
+    plan.level.path = path
+    try:
+        yield
+    finally:
+        plan.level.path = src
 
 
 def test_slot_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
@@ -608,26 +624,15 @@ def test_decoding_processes_report_bad_tiles_and_survive_a_dead_worker(slides, t
         cut = tmp_path / "cut.svs"
         last = int(rec.tiles[np.argmax(plan.level.offsets[rec.tiles])])
         cut.write_bytes(src.read_bytes()[: int(plan.level.offsets[last]) + 10])
-        plan.level.path = cut
-        try:
+        with _reading_from(plan, cut):
             with pytest.raises(SlideError, match=r"cut\.svs: tile \d+ of page \d+ is cut short"):
                 procs.decode(plan, rec)
-        finally:
-            plan.level.path = src
         assert procs._free.qsize() == 2  # the failed batch gave its slot back, the dropped patches theirs
         # a corrupt tile (its bytes overwritten) names the file and the tile
-        bad = tmp_path / "bad.svs"
-        data = bytearray(src.read_bytes())
         first = int(rec.tiles[0])
-        off, n = int(plan.level.offsets[first]), int(plan.level.counts[first])
-        data[off + 2: off + n] = bytes(n - 2)  # keep the SOI marker, zero the rest
-        bad.write_bytes(bytes(data))
-        plan.level.path = bad
-        try:
+        with _reading_from(plan, _corrupt_tile_copy(src, plan, first, tmp_path / "bad.svs")):
             with pytest.raises(SlideError, match=rf"bad\.svs: tile {first} of page \d+ (does not decode|decodes to)"):
                 procs.decode(plan, rec)
-        finally:
-            plan.level.path = src
         assert procs._free.qsize() == 2
         procs._pool.submit(os._exit, 3)  # a worker dies
         import time

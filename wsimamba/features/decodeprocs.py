@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsimamba.errors import SlideError
-from wsimamba.slide.tiles import Recipe, assemble_copies, decode_tile_checked
+from wsimamba.slide.tiles import Recipe, decode_and_assemble, read_tile_bytes
 
 MAX_OPEN_FILES = 8  # slide files a worker keeps open
 
@@ -69,21 +68,10 @@ def decode_into(job: DecodeJob) -> int:
     """Read, decode and assemble a batch into its slot; the number of patches."""
     if _slots is None:
         raise RuntimeError("decode_into runs in a worker started with attach()")
-    fd = _fd(job.path)
-    raw: list[bytes | None] = [None] * len(job.offsets)
-    for k in np.argsort(job.offsets, kind="stable"):  # file order
-        n, off = int(job.counts[k]), int(job.offsets[k])
-        data = os.pread(fd, n, off)
-        if len(data) != n:
-            raise SlideError(f"{job.path}: tile {int(job.tiles[k])} of page {job.page} is cut short "
-                             f"({len(data)} of {n} bytes at offset {off})")
-        raw[k] = data
     rec = job.recipe
-    tiles = [decode_tile_checked(b, job.tables, job.colorspace, job.path, job.page, int(t), rec.tile_w, rec.tile_h)
-             for b, t in zip(raw, job.tiles)]
-    r = rec.size
-    out = np.ndarray((len(rec), r, r, 3), dtype=np.uint8, buffer=_slots, offset=job.offset)
-    assemble_copies(tiles, rec, out)
+    raw = read_tile_bytes(_fd(job.path), job.path, job.page, job.tiles, job.offsets, job.counts)
+    out = np.ndarray((len(rec), rec.size, rec.size, 3), dtype=np.uint8, buffer=_slots, offset=job.offset)
+    decode_and_assemble(raw, job.tiles, job.tables, job.colorspace, job.path, job.page, rec, out)
     return len(rec)
 
 

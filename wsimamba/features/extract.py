@@ -485,9 +485,11 @@ def extract_cohort(
     from wsimamba.features.fastread import FeatureWrites, read_pool, start_items
 
     # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory is
-    # only used as far as batches fill it, and larger reads come in smaller batches.
+    # only used as far as batches fill it, and larger reads come in smaller batches. No pool (and no
+    # processes) for a rerun whose slides are all done.
+    pending = cfg.overwrite or any(not is_complete(out_dir, slide_id_of(p), cfg.format) for p in mine)
     pool = (read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
-            if cfg.workers > 0 else None)
+            if cfg.workers > 0 and pending else None)
     try:
         encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
         embedder = PatchEmbedder(encoder, device)

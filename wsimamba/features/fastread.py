@@ -41,13 +41,21 @@ A batch the device decoder rejects is decoded on the CPU.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import glob
+import mmap
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import threading
 import warnings
+import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +63,9 @@ import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import SlideError, WsimambaError
-from wsimamba.slide.tiles import (Recipe, TilePlan, TileReader, assemble_copies, decode_tile_checked, decode_tile_cpu,
-                                  jpeg_stream)
+from wsimamba.features.decodeprocs import DecodeJob, attach, decode_into, ready
+from wsimamba.features.prepare import _context
+from wsimamba.slide.tiles import Recipe, TilePlan, TileReader, decode_and_assemble, decode_tile_cpu, jpeg_stream
 
 PROBE_TILES = 8
 PROBE_MAX_MAE = 2.0
@@ -126,22 +135,14 @@ class DecodeProcesses:
     they were decoding raises. `close()` stops the workers and removes the file."""
 
     def __init__(self, processes: int, slots: int, slot_bytes: int, shm_dir: str = SHM_DIR):
-        import mmap
-        import tempfile
-
-        from wsimamba.features.decodeprocs import attach, ready
-        from wsimamba.features.prepare import _context
-
         self.processes = max(1, int(processes))
         self.slot_bytes = -(-int(slot_bytes) // (2 << 20)) * (2 << 20)  # whole 2 MiB pages
         self._pinned: dict[int, int] = {}  # slot → bytes page-locked for the GPU (see pin())
         self._pin_device: torch.device | None = None
         self.nslots = max(1, int(slots))
         size = self.nslots * self.slot_bytes
-        if not os.path.isdir(shm_dir) or shutil_free(shm_dir) < size:
+        if not os.path.isdir(shm_dir) or shutil.disk_usage(shm_dir).free < size:
             raise WsimambaError(f"{shm_dir}: not enough shared memory for {size / 2**30:.1f} GiB of decoded tiles")
-        import weakref
-
         remove_stale_slots(shm_dir)
         fd, self.path = tempfile.mkstemp(prefix=f"{SLOT_PREFIX}{slot_owner()}-", dir=shm_dir)
         weakref.finalize(self, _unlink, self.path)  # also at exit, should close() never run
@@ -155,7 +156,6 @@ class DecodeProcesses:
             self._free.put(k)
         self._base: int | None = None  # address of the mapping (for page-locking)
         self._ctx = _context()
-        self._attach = attach
         self._lock = threading.Lock()
         self._pool = None
         self._start()
@@ -163,17 +163,10 @@ class DecodeProcesses:
             self._pool.submit(ready)
 
     def _start(self):
-        from concurrent.futures import ProcessPoolExecutor
-
         self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=self._ctx,
-                                         initializer=self._attach, initargs=(self.path,))
+                                         initializer=attach, initargs=(self.path,))
 
     def decode(self, plan: TilePlan, rec: Recipe) -> torch.Tensor | None:
-        import weakref
-        from concurrent.futures.process import BrokenProcessPool
-
-        from wsimamba.features.decodeprocs import DecodeJob, decode_into
-
         r = rec.size
         nbytes = len(rec) * r * r * 3
         if nbytes > self.slot_bytes:
@@ -215,8 +208,6 @@ class DecodeProcesses:
             return self._free.get(timeout=SLOT_WAIT)
         except queue.Empty:
             pass
-        import gc
-
         gc.collect()
         try:
             return self._free.get(timeout=SLOT_WAIT)
@@ -231,8 +222,6 @@ class DecodeProcesses:
             self._pin_device = device
 
     def _pin_slot(self, slot: int, nbytes: int) -> None:
-        import ctypes
-
         want = -(-nbytes // (2 << 20)) * (2 << 20)
         with self._lock:
             have = self._pinned.get(slot, 0)
@@ -282,8 +271,6 @@ def remove_stale_slots(shm_dir: str = SHM_DIR) -> list[str]:
     """Remove slot files left by killed runs (SIGKILL skips every clean-up): a file is named after the
     process that made it (`slot_owner`), and removed when that process, in this process's pid
     namespace, no longer exists. Returns what it removed."""
-    import glob
-
     gone = []
     ns = _pid_namespace()
     for path in glob.glob(os.path.join(shm_dir, SLOT_PREFIX + "*")):
@@ -314,12 +301,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def shutil_free(path: str) -> int:
-    import shutil
-
-    return shutil.disk_usage(path).free
 
 
 class TileBatches:
@@ -377,11 +358,9 @@ class TileBatches:
                 return item
         raw = self.reader().read(rec.tiles)
         if not to_device:
-            tiles = [decode_tile_checked(b, lv.tables, lv.colorspace, lv.path, lv.page, int(t), lv.tile_w, lv.tile_h)
-                     for b, t in zip(raw, rec.tiles)]
             r = rec.size
             out = torch.empty((len(rec), r, r, 3), dtype=torch.uint8, pin_memory=self.pin)
-            assemble_copies(tiles, rec, out.numpy())
+            decode_and_assemble(raw, rec.tiles, lv.tables, lv.colorspace, lv.path, lv.page, rec, out.numpy())
             item["patches"] = out
             return item
         streams = [jpeg_stream(b, lv.tables, lv.splice) for b in raw]
@@ -610,13 +589,12 @@ class ReadPool:
             self._pump()
 
     def _pump(self) -> None:
-        """Request items while the budget allows, earliest reader first (call with the lock held)."""
+        """Request items while the budget allows, earliest reader first (call with the lock held): a
+        reader gets items only once every reader before it is all requested."""
         for r in self._readers:
             while self._outstanding < self.ahead and r._submitted < len(r.ds):
                 r._submit_next()
                 self._outstanding += 1
-            if r._submitted < len(r.ds):
-                return  # a later reader never overtakes an earlier one
 
     def _take(self, reader: "ThreadReader", k: int):
         """The future of `reader`'s item k, requesting it now if the budget had not reached it. The
@@ -719,19 +697,24 @@ def read_pool(workers: int, device: torch.device, slot_bytes: int = 0) -> ReadPo
     decoding runs in `workers` worker processes (`DecodeProcesses`), `workers + 4` batches requested
     ahead of the embedding over all slides; else in the threads, `2 * workers + 2` ahead. Where
     /dev/shm cannot hold the slots, the threads decode, with a warning."""
-    pin = _indexed(device) if device.type == "cuda" else None
-    init = None if pin is None else (lambda: torch.cuda.set_device(pin))
-    procs = None
+    init = _device_initializer(device)
     if slot_bytes > 0 and processes_requested(device):
         ahead = workers + 4
         try:
             procs = DecodeProcesses(workers, slots=ahead + 3, slot_bytes=slot_bytes)
             procs.pin(device)
+            return ReadPool(workers, ahead, initializer=init, procs=procs)
         except WsimambaError as e:
             warnings.warn(f"tile decoding stays in threads: {e}", RuntimeWarning, stacklevel=2)
-    if procs is not None:
-        return ReadPool(workers, workers + 4, initializer=init, procs=procs)
     return ReadPool(workers, 2 * workers + 2, initializer=init)
+
+
+def _device_initializer(device: torch.device | None):
+    """A thread initializer that sets a CUDA device (None elsewhere)."""
+    if device is None or device.type != "cuda":
+        return None
+    dev = _indexed(device)
+    return lambda: torch.cuda.set_device(dev)
 
 
 class TileItems:
@@ -756,8 +739,7 @@ class TileItems:
             self._items = iter(self._reader)
         elif workers > 0:
             threads = _reader_threads(decoder, workers)
-            init = None if pin is None else (lambda: torch.cuda.set_device(pin))
-            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, initializer=init)
+            self._reader = ThreadReader(self.ds, threads, ahead=2 * threads + 2, initializer=_device_initializer(pin))
             self._items = iter(self._reader)
         else:
             self._items = (self.ds[k] for k in range(len(self.ds)))

@@ -301,6 +301,30 @@ def tile_level(path: Path, level: int, level_size: tuple[int, int]) -> TileLevel
 # Raw bytes
 
 
+def read_tile_bytes(fd: int, path, page: int, tiles, offsets, counts) -> list[bytes]:
+    """Bytes of tiles `tiles` (for messages) at byte ranges (`offsets`, `counts`, one per tile) of the
+    open file `fd`, in the order given; read in file order, which is what a disk or network file
+    system serves fastest. A range the file cuts short is a SlideError naming the file and tile."""
+    out: list[bytes | None] = [None] * len(tiles)
+    for k in np.argsort(np.asarray(offsets), kind="stable"):
+        n, off = int(counts[k]), int(offsets[k])
+        data = os.pread(fd, n, off)
+        if len(data) != n:
+            raise SlideError(f"{path}: tile {int(tiles[k])} of page {page} is cut short "
+                             f"({len(data)} of {n} bytes at offset {off})")
+        out[k] = data
+    return out  # type: ignore[return-value]
+
+
+def decode_and_assemble(raw: list[bytes], tiles, tables: bytes | None, colorspace: str, path, page: int,
+                        recipe: "Recipe", out):
+    """Decode a batch's tiles (`raw`, the bytes of tiles `tiles`) with `decode_tile_checked` and cut
+    its patches into `out` (n, size, size, 3); returns `out`."""
+    decoded = [decode_tile_checked(b, tables, colorspace, path, page, int(t), recipe.tile_w, recipe.tile_h)
+               for b, t in zip(raw, tiles)]
+    return assemble_copies(decoded, recipe, out)
+
+
 class TileReader:
     """Raw bytes of tiles by plain positional reads (no decoding). One open file per instance;
     create it inside each worker process."""
@@ -314,18 +338,9 @@ class TileReader:
 
         Reads in file order, which is what a disk or network file system serves fastest.
         """
-        offsets, counts = self.level.offsets, self.level.counts
-        tiles = [int(t) for t in tiles]
-        out: list[bytes | None] = [None] * len(tiles)
-        for k in sorted(range(len(tiles)), key=lambda k: offsets[tiles[k]]):
-            t = tiles[k]
-            n = int(counts[t])
-            data = os.pread(self._fd, n, int(offsets[t]))
-            if len(data) != n:
-                raise SlideError(f"{self.level.path}: tile {t} of page {self.level.page} is cut short "
-                                 f"({len(data)} of {n} bytes at offset {int(offsets[t])})")
-            out[k] = data
-        return out  # type: ignore[return-value]
+        tiles = np.asarray(tiles, dtype=np.int64)
+        lv = self.level
+        return read_tile_bytes(self._fd, lv.path, lv.page, tiles, lv.offsets[tiles], lv.counts[tiles])
 
     def close(self) -> None:
         if self._fd >= 0:
