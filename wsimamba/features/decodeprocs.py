@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsimamba.osthreads import name_os_thread
 from wsimamba.slide.tiles import Recipe, decode_and_assemble, read_tile_bytes
 
 MAX_OPEN_FILES = 8  # slide files a worker keeps open
@@ -47,6 +48,7 @@ class DecodeJob:
 def attach(path: str) -> None:
     """Worker initializer: map the slot file."""
     global _slots
+    name_os_thread("wsimamba-decode")
     fd = os.open(path, os.O_RDWR)
     try:
         _slots = mmap.mmap(fd, 0)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 from wsimamba.config import ExtractConfig
 from wsimamba.errors import SlideError
+from wsimamba.osthreads import name_os_thread
 from wsimamba.slide.qc import render_qc, write_png_atomic
 from wsimamba.slide.reader import open_slide, slide_id_of
 from wsimamba.slide.tiles import NativeTilesUnsupported, TilePlan, plan_tiles
@@ -148,7 +149,8 @@ class SlidePreparer:
                  finish: Callable | None = None):
         self.fn, self.paths, self.args, self.finish = fn, list(paths), tuple(args), finish
         self.processes = max(0, int(processes))
-        self._threads = ThreadPoolExecutor(max_workers=max(1, self.processes), thread_name_prefix="wsimamba-prepare")
+        self._threads = ThreadPoolExecutor(max_workers=max(1, self.processes), thread_name_prefix="wsimamba-prepare",
+                                           initializer=name_os_thread)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pool_lock = threading.Lock()
@@ -195,7 +197,8 @@ class SlidePreparer:
         with self._pool_lock:
             for _ in range(2):
                 if self._pool is None:
-                    self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=_context())
+                    self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=_context(),
+                                                     initializer=name_os_thread, initargs=("wsimamba-prep",))
                 try:
                     return self._pool.submit(self.fn, path, *self.args)
                 except BrokenProcessPool:  # an earlier crash broke it: start a fresh pool
