@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from wsimamba.errors import SlideError, WsimambaError
 from wsimamba.features.decodeprocs import DecodeJob, attach, decode_into, ready
 from wsimamba.features.prepare import _context
+from wsimamba.osthreads import name_os_thread
 from wsimamba.slide.tiles import Recipe, TilePlan, TileReader, decode_and_assemble, decode_tile_cpu, jpeg_stream
 
 PROBE_TILES = 8
@@ -425,7 +426,11 @@ def device_patches(item: dict, plan: TilePlan, device: torch.device, stats: dict
     if "patches" in item:
         patches = item["patches"].to(device, non_blocking=True)
         if item.get("slot") and device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the slot is reused once the item is dropped
+            # the slot is reused once the item is dropped: wait for the copy, asleep (a blocking
+            # event), not spinning a core as a stream synchronisation does
+            copied = torch.cuda.Event(blocking=True)
+            copied.record(torch.cuda.current_stream(device))
+            copied.synchronize()
     else:
         rec = recipe_of(item, plan)
         streams = item["streams"]
@@ -537,6 +542,7 @@ class _Background:
         return False
 
     def _run(self, items, fn, device):
+        name_os_thread("wsimamba-stage2")
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # a new thread starts on GPU 0 otherwise
@@ -710,11 +716,17 @@ def read_pool(workers: int, device: torch.device, slot_bytes: int = 0) -> ReadPo
 
 
 def _device_initializer(device: torch.device | None):
-    """A thread initializer that sets a CUDA device (None elsewhere)."""
+    """A reader-thread initializer: names the thread for the operating system (`name_os_thread`) and,
+    on CUDA, sets `device`."""
     if device is None or device.type != "cuda":
-        return None
+        return name_os_thread
     dev = _indexed(device)
-    return lambda: torch.cuda.set_device(dev)
+
+    def init() -> None:
+        name_os_thread()
+        torch.cuda.set_device(dev)
+
+    return init
 
 
 class TileItems:
@@ -778,7 +790,8 @@ class FeatureWrites:
 
     def __init__(self, depth: int = 2):
         self.depth = max(1, int(depth))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-write")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-write",
+                                            initializer=name_os_thread)
         self._batches: deque = deque()
 
     def slide(self, append) -> "SlideWrites":
@@ -821,7 +834,7 @@ class SlideWrites:
         try:
             if ev is not None:
                 ev.synchronize()
-            self.append(host.float().numpy(), start, stop)
+            self.append((host if host.dtype == torch.float32 else host.float()).numpy(), start, stop)
         except BaseException as e:  # noqa: BLE001 - the slide's owner raises it (check)
             self.error = e
 
@@ -899,8 +912,11 @@ def run_tiles(plan: TilePlan, embedder, append, batch_size: int, workers: int, r
                 x.record_stream(torch.cuda.current_stream(device))
             feats = embedder.embed(x)
             if on_cuda:
-                host = feats.to("cpu", non_blocking=True)
-                done = torch.cuda.Event()
+                # float32 on the GPU: a CPU cast in the writing thread would wake the intra-op
+                # thread pool (which then spins) for every batch. A blocking event: the writing
+                # thread sleeps until the copy is done instead of spinning a core on it.
+                host = feats.float().to("cpu", non_blocking=True)
+                done = torch.cuda.Event(blocking=True)
                 done.record(torch.cuda.current_stream(device))
             else:
                 host, done = feats, None
