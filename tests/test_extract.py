@@ -547,6 +547,34 @@ def test_cuda_graph_embedder_matches_eager_and_keeps_earlier_outputs(name):
     assert not torch.equal(outs[1], outs[2])
 
 
+@pytest.mark.gpu
+def test_encoder_built_on_the_gpu_loads_the_weights_and_is_reproducible(tmp_path):
+    """create_encoder(device="cuda") builds and initialises on the GPU: parameters live there, weights
+    from a file are exactly the file's, a random init is the same for the same seed (and differs for
+    another), and the caller's CUDA random stream is left as it was."""
+    import timm
+
+    from wsimamba.features.encoders import create_encoder
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    seed = int(torch.seed() % 1000)
+    torch.manual_seed(seed + 1)
+    ref = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    wfile = tmp_path / "w.pt"
+    torch.save(ref.state_dict(), wfile)
+    enc = create_encoder("timm:test_vit", weights=wfile, device="cuda")
+    assert {p.device for p in enc.model.parameters()} == {dev}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(enc.model.state_dict()[k].cpu(), v), k
+    before = torch.cuda.get_rng_state(dev)
+    a = create_encoder("timm:test_vit", random_init=True, seed=seed, device="cuda")
+    b = create_encoder("timm:test_vit", random_init=True, seed=seed, device="cuda")
+    c = create_encoder("timm:test_vit", random_init=True, seed=seed + 1, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(dev), before)
+    pa, pb, pc = (torch.cat([p.flatten() for p in e.model.parameters()]) for e in (a, b, c))
+    assert pa.device == dev and torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
 @pytest.mark.parametrize("name", ["resnet50-trunc", "timm:test_vit"])
 def test_embedder_fast_path_matches_the_plain_model(name):
     from wsimamba.features.encoders import create_encoder

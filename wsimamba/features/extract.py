@@ -27,6 +27,7 @@ from wsimamba.features.encoders import Encoder, create_encoder
 from wsimamba.features.manifest import read_manifest, update_manifest
 from wsimamba.features.prepare import PreparedSlide, SlidePreparer, choose_reader, prepare_cpu  # noqa: F401 (re-exported)
 from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
+from wsimamba.osthreads import name_os_thread
 from wsimamba.slide.reader import find_slides, open_slide, slide_id_of
 from wsimamba.slide.tiling import PatchGrid
 
@@ -491,7 +492,8 @@ def extract_cohort(
     pool = (read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
             if cfg.workers > 0 and pending else None)
     try:
-        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed)
+        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                                 device=device if device.type == "cuda" else None)
         embedder = PatchEmbedder(encoder, device)
     except BaseException:
         if pool is not None:
@@ -550,7 +552,8 @@ def extract_cohort(
         # the writing thread while the next slide is embedded; results are recorded in slide order as
         # they complete.
         writes = FeatureWrites()
-        readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead")
+        readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead",
+                                       initializer=name_os_thread)
         reading: dict[int, object] = {}
         started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
 
