@@ -190,6 +190,53 @@ class _Timeline:
                 "first_to_last_s": (self.ends[-1] - self.starts[0]) if self.ends else None}
 
 
+class _StartTrace:
+    """Times of the steps of one `extract_cohort` call that come before its first batch and after its
+    last (the run's start and end, which "after start" rates leave out), by wrapping the functions
+    that do them while the context is open: {step: seconds since `t0`}. First occurrences only."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.marks: dict[str, float] = {}
+        self._undo: list = []
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, round(time.perf_counter() - self.t0, 3))
+
+    def _wrap(self, owner, attr: str, before: str | None, after: str | None) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapped(*a, **kw):
+            if before:
+                self.mark(before)
+            out = fn(*a, **kw)
+            if after:
+                self.mark(after)
+            return out
+
+        setattr(owner, attr, wrapped)
+        self._undo.append((owner, attr, fn))
+
+    def __enter__(self):
+        import wsimamba.features.extract as ex
+        import wsimamba.features.fastread as fr
+        import wsimamba.features.prepare as pr
+
+        self._wrap(fr, "read_pool", None, "decoding pool started")
+        self._wrap(ex, "create_encoder", None, "encoder built")
+        self._wrap(ex.PatchEmbedder, "__init__", None, "encoder on the device")
+        self._wrap(pr.SlidePreparer, "result", None, "first slide prepared")
+        self._wrap(ex.PatchEmbedder, "_capture", "graph capture begins", "graph captured")
+        self._wrap(fr.DecodeProcesses, "decode", None, "first batch decoded")
+        self._wrap(ex.PatchEmbedder, "embed", "first batch embedding", None)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+
 def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
     """Fast path vs OpenSlide loader, per config, on one cohort; prints a table and JSON lines."""
     import shutil
@@ -248,10 +295,20 @@ def compare_readers(args, slide_paths: list[Path], tmp: Path) -> None:
                 torch.cuda.synchronize()
             timeline = _Timeline()
             t0 = time.perf_counter()
-            results = extract_cohort(run_paths, out, cfg, progress=timeline)
+            with _StartTrace(t0) as trace:
+                results = extract_cohort(run_paths, out, cfg, progress=timeline)
+                trace.mark("returned")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            if timeline.last_batch and timeline.last_batch[-1] is not None:
+                trace.marks["first slide starts"] = round(timeline.starts[0] - t0, 3)
+                trace.marks["first batch done"] = round(next(b for b in timeline.first_batch if b) - t0, 3)
+                trace.marks["last batch done"] = round(timeline.last_batch[-1] - t0, 3)
+                trace.marks["last slide written"] = round(timeline.ends[-1] - t0, 3)
+            steps = dict(sorted(trace.marks.items(), key=lambda kv: kv[1]))
+            row[f"{reader}_start_and_end_s"] = steps
+            _note(f"{name}: {reader} start and end (s since the call): " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
             failed = [r for r in results if r.status == "failed"]
             if failed:
                 raise SystemExit(f"{reader}: extraction failed: {failed[0].slide_id}: {failed[0].error}")
