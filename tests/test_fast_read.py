@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +536,35 @@ def test_decoding_processes_give_the_threads_pixels_and_free_their_slots(slides,
     finally:
         pool.close()
     assert _shm_files() == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="operating-system thread names: Linux")
+def test_reader_threads_and_decoding_processes_carry_their_names(slides, monkeypatch):
+    """The operating system sees the pool's reader threads as wsimamba-read_N and its decoding
+    processes as wsimamba-decode (what top -H and benchmarks/utilisation.py show)."""
+    import threading
+
+    from wsimamba.features.fastread import TileItems, decode_item, read_pool
+
+    monkeypatch.setenv("WSIMAMBA_TILE_PROCESSES", "1")
+    pool = read_pool(2, torch.device("cpu"), slot_bytes=8 * 256 * 256 * 3)
+    try:
+        with open_slide(slides["synth_tiff"]) as slide:
+            plan = plan_tiles(slide, full_grid(slide, *GRIDS["tile"], max_patches=16))
+        items = TileItems(plan, 8, "cpu", 2, pool=pool)
+        for item in items:
+            decode_item(item, plan, torch.device("cpu"), {})
+        items.close()
+        readers = [t for t in threading.enumerate() if t.name.startswith("wsimamba-read")]
+        assert readers
+        for t in readers:
+            assert Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip() == t.name[:15]
+        pids = list(pool.procs._pool._processes)
+        assert pids
+        for pid in pids:
+            assert Path(f"/proc/{pid}/comm").read_text().strip() == "wsimamba-decode"
+    finally:
+        pool.close()
 
 
 def test_a_corrupt_tile_names_its_file_in_the_reader_threads(slides, tmp_path):
