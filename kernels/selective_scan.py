@@ -1261,7 +1261,11 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     n_seg = triton.cdiv(n_blocks, cps)
     seg_len = cps * step
     A, B4, C4 = _pad_state(A, B4, C4, Np)
-    pad_rows = (0, 0, 0, step)
+    # The kernel reads B and C rows without a mask, in sub-blocks of SUB from each block's start: up to
+    # ceil(STEP / SUB) * SUB - 1 rows past the last block's start, which can be more than STEP rows past
+    # the end (STEP 4, SUB 3: 6 rows). Zero rows there; a row read past the buffer was heap garbage,
+    # and 0 × NaN poisoned the gradients at the sequence's end now and then.
+    pad_rows = (0, 0, 0, triton.cdiv(step, sc["SUB"]) * sc["SUB"])
     Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
     Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
     dout = _rows(dout)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from tests import triton_bounds
 from wsimamba.kernels import selective_scan as ks
 from wsimamba.ops.selective_scan import selective_scan_naive, selective_scan_reference
 
@@ -23,6 +26,39 @@ SMALL_TILES = {"fwd": {"BLOCK_D": 4, "T": 16, "CPS": 2}, "bwd": {"BLOCK_D": 2, "
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(ks, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True)
+def _in_bounds(request):
+    """In the interpreter, every test fails if a kernel loads or stores outside the tensors it was
+    given (a read past a buffer returns garbage, now and then a NaN: a flaky gradient otherwise)."""
+    if DEV != "cpu" or not triton_bounds.available() or "bounds_check" in request.node.name:
+        yield
+        return
+    with triton_bounds.BoundsCheck("selective_scan") as check:
+        yield
+    assert not check.violations, "\n".join(check.violations)
+
+
+@triton.jit
+def _read_one_past(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + offs + 1, mask=offs < n)  # lane n - 1 reads one element past x
+    tl.store(y_ptr + offs, v, mask=offs < n)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the bounds check runs in Triton's interpreter")
+def test_bounds_check_catches_a_read_past_a_tensor():
+    """The check above is live: this Triton's interpreter has the hooks it patches, and a kernel that
+    reads one element past its input is reported (and one that stays inside is not)."""
+    assert triton_bounds.available(), "Triton's interpreter changed: tests/triton_bounds.py needs updating"
+    x, y = torch.arange(6.0), torch.empty(6)
+    with triton_bounds.BoundsCheck("test_triton_scan") as check:
+        _read_one_past[(1,)](x, y, 5, BLOCK=8)
+    assert check.violations == [] and torch.equal(y[:5], x[1:])  # x has 6 elements: lane 4 reads x[5]
+    with triton_bounds.BoundsCheck("test_triton_scan") as check:
+        _read_one_past[(1,)](x, y, 6, BLOCK=8)
+    assert len(check.violations) == 1 and "load of 1 of 6 lanes" in check.violations[0], check.violations
 
 
 @pytest.fixture
