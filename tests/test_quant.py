@@ -126,20 +126,25 @@ def planted(kind: str, seed: int, d: int = 64) -> nn.Module:
     return model
 
 
+MODELS = 8  # models averaged per seed in the ranking test below
+
+
 def test_mambaquant_beats_hadamard_beats_naive_on_outlier_channels(seed):
     """W8A8 (static per-tensor activations), error of the residual branch on the calibration bags, mean
-    over two fresh models. On 24 seeds the per-model ratios were at worst 0.63 (hadamard/naive) and 0.84
-    (mambaquant/hadamard); held-out tokens are noisier (see the module README section)."""
+    over MODELS fresh models (half Mamba, half LBMamba). The ranking is a property of the method on
+    average, not of every model: with two models per seed, 28 of 400 random seeds broke a bound (worst
+    ratios 1.54 hadamard/naive, 1.24 mambaquant/hadamard). With eight, none of 100 other seeds did (worst
+    0.52 and 0.85), nor the four worst of those; held-out tokens are noisier (see the module README section)."""
     errors = {m: 0.0 for m in ("naive", "hadamard", "mambaquant")}
-    for i, kind in enumerate(("mamba", "lbmamba")):
-        model = planted(kind, seed + i)
+    for i in range(MODELS):
+        model = planted(("mamba", "lbmamba")[i % 2], seed + i)
         gen = torch.Generator().manual_seed(seed + 10 + i)
         calib = [torch.randn(1, 256, 64, generator=gen) for _ in range(8)]
         x = torch.cat(calib[:2])
         ref = model(x)
         for method in errors:
             q = quantize_model(model, calib, method)
-            errors[method] += ((q(x) - ref).norm() / (ref - x).norm()).item() / 2
+            errors[method] += ((q(x) - ref).norm() / (ref - x).norm()).item() / MODELS
     print(errors)
     assert errors["hadamard"] < 0.8 * errors["naive"]
     assert errors["mambaquant"] < 0.92 * errors["hadamard"]
