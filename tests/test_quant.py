@@ -134,7 +134,8 @@ def test_mambaquant_beats_hadamard_beats_naive_on_outlier_channels(seed):
     over MODELS fresh models (half Mamba, half LBMamba). The ranking is a property of the method on
     average, not of every model: with two models per seed, 28 of 400 random seeds broke a bound (worst
     ratios 1.54 hadamard/naive, 1.24 mambaquant/hadamard). With eight, none of 100 other seeds did (worst
-    0.52 and 0.85), nor the four worst of those; held-out tokens are noisier (see the module README section)."""
+    0.52 and 0.85), nor the two worst seeds of each bound; held-out tokens are noisier (see the module README
+    section)."""
     errors = {m: 0.0 for m in ("naive", "hadamard", "mambaquant")}
     for i in range(MODELS):
         model = planted(("mamba", "lbmamba")[i % 2], seed + i)
