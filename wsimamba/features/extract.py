@@ -488,7 +488,8 @@ def extract_cohort(
     # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory is
     # only used as far as batches fill it, and larger reads come in smaller batches. No pool (and no
     # processes) for a rerun whose slides are all done.
-    pending = cfg.overwrite or any(not is_complete(out_dir, slide_id_of(p), cfg.format) for p in mine)
+    complete = {p: is_complete(out_dir, slide_id_of(p), cfg.format) and not cfg.overwrite for p in mine}
+    pending = not all(complete.values())
     pool = (read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
             if cfg.workers > 0 and pending else None)
     try:
@@ -507,7 +508,7 @@ def extract_cohort(
         todo: list[Path] = []
         for path in mine:
             sid = slide_id_of(path)
-            if is_complete(out_dir, sid, cfg.format) and not cfg.overwrite:
+            if complete[path]:
                 res = SlideResult(sid, str(path), "skipped", output=str(final_path(out_dir, sid, cfg.format)))
                 row = manifest.get(sid)
                 if row is None or row.get("status") != "ok":

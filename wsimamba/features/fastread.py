@@ -57,6 +57,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +119,11 @@ SLOT_PREFIX = "wsimamba-tiles-"  # slot files: SLOT_PREFIX + "<pid namespace>-<p
 SLOT_WAIT = 5.0  # seconds a decoding-process batch waits for a free slot before a garbage collection
 
 
+def _whole_pages(nbytes: int) -> int:
+    """`nbytes` rounded up to whole 2 MiB (huge) pages: the unit slots are sized and page-locked in."""
+    return -(-nbytes // (2 << 20)) * (2 << 20)
+
+
 def processes_requested(device: torch.device) -> bool:
     """Whether CPU tile decoding runs in worker processes: `WSIMAMBA_TILE_PROCESSES` = 1 / 0, or auto
     (the default): on CUDA, where decoding threads starve the encoding thread of the GIL."""
@@ -137,7 +143,7 @@ class DecodeProcesses:
 
     def __init__(self, processes: int, slots: int, slot_bytes: int, shm_dir: str = SHM_DIR):
         self.processes = max(1, int(processes))
-        self.slot_bytes = -(-int(slot_bytes) // (2 << 20)) * (2 << 20)  # whole 2 MiB pages
+        self.slot_bytes = _whole_pages(int(slot_bytes))
         self._pinned: dict[int, int] = {}  # slot → bytes page-locked for the GPU (see pin())
         self._pin_device: torch.device | None = None
         self.nslots = max(1, int(slots))
@@ -146,7 +152,7 @@ class DecodeProcesses:
             raise WsimambaError(f"{shm_dir}: not enough shared memory for {size / 2**30:.1f} GiB of decoded tiles")
         remove_stale_slots(shm_dir)
         fd, self.path = tempfile.mkstemp(prefix=f"{SLOT_PREFIX}{slot_owner()}-", dir=shm_dir)
-        weakref.finalize(self, _unlink, self.path)  # also at exit, should close() never run
+        weakref.finalize(self, Path(self.path).unlink, missing_ok=True)  # also at exit, should close() never run
         try:
             os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
@@ -223,7 +229,7 @@ class DecodeProcesses:
             self._pin_device = device
 
     def _pin_slot(self, slot: int, nbytes: int) -> None:
-        want = -(-nbytes // (2 << 20)) * (2 << 20)
+        want = _whole_pages(nbytes)
         with self._lock:
             have = self._pinned.get(slot, 0)
             if have >= want:
@@ -252,7 +258,7 @@ class DecodeProcesses:
                 for slot in self._pinned:
                     torch.cuda.cudart().cudaHostUnregister(self._base + slot * self.slot_bytes)
                 self._pinned.clear()
-        _unlink(self.path)
+        Path(self.path).unlink(missing_ok=True)
 
 
 def _pid_namespace() -> str:
@@ -295,13 +301,6 @@ def remove_stale_slots(shm_dir: str = SHM_DIR) -> list[str]:
         except OSError:
             pass
     return gone
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class TileBatches:
@@ -834,7 +833,7 @@ class SlideWrites:
         try:
             if ev is not None:
                 ev.synchronize()
-            self.append((host if host.dtype == torch.float32 else host.float()).numpy(), start, stop)
+            self.append(host.float().numpy(), start, stop)  # float() is a no-op for float32 (the GPU path)
         except BaseException as e:  # noqa: BLE001 - the slide's owner raises it (check)
             self.error = e
 
