@@ -211,23 +211,12 @@ def create_encoder(
     are loaded. Random-init weights are then drawn by that device's generator: reproducible for a
     seed and a device type, but not the same numbers as a CPU build.
     """
-    if weights is None and not random_init:
-        raise EncoderError(
-            f"encoder {name!r} needs weights: pass --weights PATH (a local state dict), "
-            "or --random-init to use random weights on purpose"
-        )
-    if weights is not None and random_init:
-        raise EncoderError("give either --weights or --random-init, not both")
+    check_encoder(name, weights, random_init)
     if name.startswith("timm:"):
         arch = name[len("timm:") :]
-        if not arch:
-            raise EncoderError("encoder 'timm:' needs an architecture name, e.g. timm:vit_small_patch16_224")
         build = lambda: _timm_model(arch)  # noqa: E731
-    elif name in _REGISTRY:
-        build = _REGISTRY[name]
     else:
-        known = ", ".join(sorted(_REGISTRY)) + ", timm:<name>"
-        raise EncoderError(f"unknown encoder {name!r}; known: {known}")
+        build = _REGISTRY[name]
     # random init must be reproducible: the features file says "random-init", and two runs agree
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and dev.index is None:
@@ -239,8 +228,6 @@ def create_encoder(
     wpath = ""
     if weights is not None:
         p = Path(weights)
-        if not p.is_file():
-            raise EncoderError(f"{p}: no such weight file")
         _apply_weights(name, model, p)
         sha = _file_sha256(p)
         wpath = str(p)
@@ -249,3 +236,25 @@ def create_encoder(
         name=name, model=model, dim=dim, input_size=input_size, mean=tuple(mean), std=tuple(std),
         weights_sha256=sha, weights_path=wpath,
     )
+
+
+def check_encoder(name: str, weights: str | Path | None = None, random_init: bool = False) -> None:
+    """Raise `EncoderError` for what `create_encoder` would refuse without building anything: no
+    weights and no --random-init (or both), an unknown name, a missing weight file. Milliseconds, so an
+    extraction checks this before it starts any work; a file that does not fit the model is only found
+    by `create_encoder`."""
+    if weights is None and not random_init:
+        raise EncoderError(
+            f"encoder {name!r} needs weights: pass --weights PATH (a local state dict), "
+            "or --random-init to use random weights on purpose"
+        )
+    if weights is not None and random_init:
+        raise EncoderError("give either --weights or --random-init, not both")
+    if name.startswith("timm:"):
+        if not name[len("timm:") :]:
+            raise EncoderError("encoder 'timm:' needs an architecture name, e.g. timm:vit_small_patch16_224")
+    elif name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY)) + ", timm:<name>"
+        raise EncoderError(f"unknown encoder {name!r}; known: {known}")
+    if weights is not None and not Path(weights).is_file():
+        raise EncoderError(f"{Path(weights)}: no such weight file")

@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 import wsimamba
 from wsimamba.config import ExtractConfig
 from wsimamba.errors import SlideError, WsimambaError
-from wsimamba.features.encoders import Encoder, create_encoder
+from wsimamba.features.encoders import Encoder, check_encoder, create_encoder
 from wsimamba.features.manifest import read_manifest, update_manifest
 from wsimamba.features.prepare import PreparedSlide, SlidePreparer, choose_reader, prepare_cpu  # noqa: F401 (re-exported)
 from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
 from wsimamba.osthreads import name_os_thread
+from wsimamba.slide.qc import write_png_atomic
 from wsimamba.slide.reader import find_slides, open_slide, slide_id_of
 from wsimamba.slide.tiling import PatchGrid
 
@@ -311,11 +312,12 @@ def _one_line(e: BaseException) -> str:
     return msg if isinstance(e, WsimambaError) else f"{type(e).__name__}: {msg}"
 
 
-def prepare_slide(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device: torch.device) -> PreparedSlide:
-    """Open a slide, find tissue, lay the grid, write its QC image, pick its reader and (tiles) its
-    decoder. Raises on failure. `extract_cohort` runs this ahead for the next slides while the
-    current one is embedded (the CPU part in worker processes: `wsimamba.features.prepare`)."""
-    return with_decoder(prepare_cpu(slide_path, out_dir, cfg, device.type), device)
+def prepare_slide(slide_path: Path, cfg: ExtractConfig, device: torch.device) -> PreparedSlide:
+    """Open a slide, find tissue, lay the grid, render its QC image, pick its reader and (tiles) its
+    decoder. Raises on failure; writes nothing (`start_embed` writes the QC image). `extract_cohort`
+    runs this ahead for the next slides while the current one is embedded (the CPU part in worker
+    processes: `wsimamba.features.prepare`)."""
+    return with_decoder(prepare_cpu(slide_path, cfg, device.type), device)
 
 
 def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
@@ -335,7 +337,8 @@ def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
 
 def start_embed(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
                 progress: ExtractProgress | None = None, started=None, writes=None, pool=None) -> Future:
-    """Embed a prepared slide's patches and write its feature file; the future gives its `SlideResult`
+    """Write a prepared slide's QC image, embed its patches and write its feature file; the future gives
+    its `SlideResult`
     once the file is complete under its final name, or raises what failed (nothing is then left under
     the final name). `started()`, if given, is called once the reader's threads or worker processes
     exist.
@@ -347,6 +350,9 @@ def start_embed(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder
     progress = progress or ExtractProgress()
     t0 = time.perf_counter()
     grid, reader_attrs = prep.grid, dict(prep.reader_attrs)
+    if prep.qc_png is not None:
+        write_png_atomic(prep.qc_png, Path(out_dir) / "qc" / f"{prep.sid}.png")
+        prep.qc_png = None
     progress.slide_start(prep.sid, len(grid))
     writer = FeatureWriter(out_dir, prep.sid, embedder.encoder.dim, cfg.format)
 
@@ -424,7 +430,7 @@ def extract_slide(
     progress: ExtractProgress | None = None,
 ) -> SlideResult:
     """Extract one slide into `out_dir`. Raises on failure (the caller records it)."""
-    return embed_slide(prepare_slide(slide_path, out_dir, cfg, embedder.device), out_dir, cfg, embedder, progress)
+    return embed_slide(prepare_slide(slide_path, cfg, embedder.device), out_dir, cfg, embedder, progress)
 
 
 def _read_with_openslide(slide_path: Path, grid: PatchGrid, cfg: ExtractConfig, embedder: PatchEmbedder,
@@ -469,8 +475,8 @@ def extract_cohort(
 ) -> list[SlideResult]:
     """Extract this process's share of `slide_paths` into `out_dir`; returns one result per slide.
 
-    Encoder problems (unknown name, bad weights) raise before any slide is touched; slide
-    problems are recorded in `out_dir/manifest.csv` and in the returned results.
+    Encoder problems (unknown name, missing or unfitting weights) raise before anything is written;
+    slide problems are recorded in `out_dir/manifest.csv` and in the returned results.
     """
     progress = progress or ExtractProgress()
     out_dir = Path(out_dir)
@@ -481,31 +487,104 @@ def extract_cohort(
         torch.cuda.set_device(device)
     if cfg.tissue_masks is not None and not Path(cfg.tissue_masks).is_dir():
         raise WsimambaError(f"--tissue-masks {cfg.tissue_masks}: no such folder")
-    # Native-tile slides share one pool of reader threads (and, on CUDA, of decoding processes, which
-    # start now, while the encoder is built) and one writing thread.
+    check_encoder(cfg.encoder, cfg.weights, cfg.random_init)
+    # Native-tile slides share one pool of reader threads (and, on CUDA, of decoding processes) and one
+    # writing thread.
     from wsimamba.features.fastread import FeatureWrites, read_pool, start_items
 
-    # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory is
-    # only used as far as batches fill it, and larger reads come in smaller batches. No pool (and no
-    # processes) for a rerun whose slides are all done.
     complete = {p: is_complete(out_dir, slide_id_of(p), cfg.format) and not cfg.overwrite for p in mine}
-    pending = not all(complete.values())
-    pool = (read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
-            if cfg.workers > 0 and pending else None)
-    try:
+    todo = [p for p in mine if not complete[p]]
+    pool = None
+
+    # The first slides are prepared, and the first one's tiles read and decoded, while the encoder is
+    # built (preparing writes nothing: the QC image is written when the slide's embedding starts); the
+    # next slides are prepared (opened, tissue found, grid laid, QC rendered, reader picked) while the
+    # current one is embedded, so the GPU does not wait for that between slides: in up to
+    # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else in
+    # a thread. Preparation of later slides starts once the current slide's reader has started: in a
+    # thread, so as never to fork DataLoader workers while that thread is inside OpenSlide (a child
+    # could inherit a lock nobody will release).
+    procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
+    if procs:
+        preparer = SlidePreparer(prepare_cpu, todo, (cfg, device.type), processes=procs,
+                                 finish=lambda prep: with_decoder(prep, device))
+    else:
+        preparer = SlidePreparer(prepare_slide, todo, (cfg, device))
+    ahead = procs + 1 if procs else 1  # processes: keep the pool one slide ahead of its workers
+
+    def prepare_ahead(k: int) -> None:
+        for j in range(k, k + ahead):
+            preparer.submit(j)
+
+    # The next slides' tiles start being read (and decoded on the CPU) as soon as they are prepared,
+    # while the current slide is still being embedded, up to the pool's budget of batches: a small
+    # slide's batches keep only some of the readers busy otherwise, and its first batch arrives only
+    # after one reader has decoded it. A slide's last writes and the finishing of its file happen in
+    # the writing thread while the next slide is embedded; results are recorded in slide order as
+    # they complete.
+    writes = FeatureWrites()
+    readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead",
+                                   initializer=name_os_thread)
+    reading: dict[int, object] = {}
+    started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
+
+    def read_ahead(k: int) -> None:
+        if pool is None or k >= len(todo) or k in reading:
+            return
+
+        def attach() -> None:
+            prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
+            if prep.plan is not None and prep.decoder is not None:
+                prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device, pool=pool)
+                started_items[k] = prep.items
+
+        reading[k] = readahead.submit(attach)
+
+    def on_started(i: int) -> None:
+        prepare_ahead(i + 1)
+        for k in range(i + 1, i + 1 + READ_AHEAD_SLIDES):
+            read_ahead(k)
+
+    inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
+    results: list[SlideResult] = []
+
+    def record(block: bool) -> None:
+        while inflight and (block or inflight[0][2].done()):
+            path, t0, fut = inflight.popleft()
+            try:
+                res = fut.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
+                                  error=_one_line(e))
+            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+            results.append(res)
+            progress.slide_end(res)
+
+    def close() -> None:
+        readahead.shutdown(wait=True, cancel_futures=True)
+        for items in started_items.values():
+            items.close()
+        writes.close()  # an interrupted run still finishes the files of slides already embedded
+        if pool is not None:
+            pool.close()
+        preparer.close()
+
+    try:  # everything started above is stopped if anything fails before the loop's own cleanup
+        # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory
+        # is only used as far as batches fill it, and larger reads come in smaller batches. No pool
+        # (and no processes) for a rerun whose slides are all done.
+        if cfg.workers > 0 and todo:
+            pool = read_pool(cfg.workers, device, slot_bytes=cfg.batch_size * (2 * cfg.patch_size) ** 2 * 3)
+        prepare_ahead(0)
+        read_ahead(0)
         encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
                                  device=device if device.type == "cuda" else None)
         embedder = PatchEmbedder(encoder, device)
-    except BaseException:
-        if pool is not None:
-            pool.close()
-        raise
-    try:  # the pool's processes are stopped if anything below fails before the loop's own cleanup
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest = read_manifest(out_dir)
         progress.start(len(mine))
-        results: list[SlideResult] = []
-        todo: list[Path] = []
         for path in mine:
             sid = slide_id_of(path)
             if complete[path]:
@@ -523,80 +602,13 @@ def extract_cohort(
                     res.patches = int(row.get("patches") or 0)
                 results.append(res)
                 progress.slide_end(res)
-                continue
-            if cfg.overwrite:
+            elif cfg.overwrite:
                 remove_output(out_dir, sid, cfg.format)
-            todo.append(path)
-
-        # The next slides are prepared (opened, tissue found, grid laid, QC written, reader picked) while
-        # the current one is embedded, so the GPU does not wait for that between slides: in up to
-        # `PREPARE_PROCESSES` worker processes when the extraction has workers (one per 4 workers), else
-        # in a thread. Preparation starts once the current slide's reader has started: in a thread, so as
-        # never to fork DataLoader workers while that thread is inside OpenSlide (a child could inherit a
-        # lock nobody will release).
-        procs = min(PREPARE_PROCESSES, max(1, cfg.workers // 4), len(todo)) if cfg.workers > 0 else 0
-        if procs:
-            preparer = SlidePreparer(prepare_cpu, todo, (out_dir, cfg, device.type), processes=procs,
-                                     finish=lambda prep: with_decoder(prep, device))
-        else:
-            preparer = SlidePreparer(prepare_slide, todo, (out_dir, cfg, device))
-        ahead = procs + 1 if procs else 1  # processes: keep the pool one slide ahead of its workers
-
-        def prepare_ahead(k: int) -> None:
-            for j in range(k, k + ahead):
-                preparer.submit(j)
-
-        # The next slides' tiles start being read (and decoded on the CPU) as soon as they are prepared,
-        # while the current slide is still being embedded, up to the pool's budget of batches: a small
-        # slide's batches keep only some of the readers busy otherwise, and its first batch arrives only
-        # after one reader has decoded it. A slide's last writes and the finishing of its file happen in
-        # the writing thread while the next slide is embedded; results are recorded in slide order as
-        # they complete.
-        writes = FeatureWrites()
-        readahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimamba-readahead",
-                                       initializer=name_os_thread)
-        reading: dict[int, object] = {}
-        started_items: dict[int, object] = {}  # slide → its TileItems started ahead (closed when the slide is done)
-
-        def read_ahead(k: int) -> None:
-            if pool is None or k >= len(todo) or k in reading:
-                return
-
-            def attach() -> None:
-                prep = preparer.peek(k)  # a failed preparation raises here; the main loop reports it
-                if prep.plan is not None and prep.decoder is not None:
-                    prep.items = start_items(prep.plan, prep.decoder[0], cfg.batch_size, cfg.workers, device, pool=pool)
-                    started_items[k] = prep.items
-
-            reading[k] = readahead.submit(attach)
-
-        def on_started(i: int) -> None:
-            prepare_ahead(i + 1)
-            for k in range(i + 1, i + 1 + READ_AHEAD_SLIDES):
-                read_ahead(k)
-
-        inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
-
-        def record(block: bool) -> None:
-            while inflight and (block or inflight[0][2].done()):
-                path, t0, fut = inflight.popleft()
-                try:
-                    res = fut.result()
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as e:
-                    res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
-                                      error=_one_line(e))
-                update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
-                results.append(res)
-                progress.slide_end(res)
     except BaseException:
-        if pool is not None:
-            pool.close()
+        close()
         raise
 
     try:
-        prepare_ahead(0)
         for i, path in enumerate(todo):
             t0 = time.perf_counter()
             try:
@@ -619,13 +631,7 @@ def extract_cohort(
             record(block=False)
         record(block=True)
     finally:
-        readahead.shutdown(wait=True, cancel_futures=True)
-        for items in started_items.values():
-            items.close()
-        writes.close()  # an interrupted run still finishes the files of slides already embedded
-        if pool is not None:
-            pool.close()
-        preparer.close()
+        close()
     order = {str(p): k for k, p in enumerate(mine)}
     results.sort(key=lambda r: order.get(r.slide_path, len(order)))
     return results

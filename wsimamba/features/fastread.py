@@ -166,8 +166,18 @@ class DecodeProcesses:
         self._lock = threading.Lock()
         self._pool = None
         self._start()
-        for _ in range(self.processes):  # start the workers now, while the encoder is being built
-            self._pool.submit(ready)
+        # Start the workers now, from a thread: each start waits for the fork server (the first one for
+        # its imports), while the caller goes on to build the encoder.
+        self._spawner = threading.Thread(target=self._spawn, args=(self._pool,), name="wsimamba-spawn", daemon=True)
+        self._spawner.start()
+
+    def _spawn(self, pool) -> None:
+        name_os_thread()
+        try:
+            for _ in range(self.processes):
+                pool.submit(ready)
+        except (RuntimeError, BrokenProcessPool):  # closed meanwhile, or a worker died: decode() handles it
+            pass
 
     def _start(self):
         self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=self._ctx,
@@ -249,6 +259,7 @@ class DecodeProcesses:
             self._pinned[slot] = want
 
     def close(self) -> None:
+        self._spawner.join()
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)

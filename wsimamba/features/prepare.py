@@ -1,5 +1,5 @@
 """Slide preparation, everything before the embedding: open the slide, find tissue, lay the patch grid,
-write the QC image, and choose the reader (native tiles or OpenSlide).
+render the QC image, and choose the reader (native tiles or OpenSlide).
 
 `extract_cohort` prepares the next slides while the current one is embedded, with `SlidePreparer`:
 in worker processes when the extraction has workers, so that preparation (OpenSlide reads, the tissue
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 from wsimamba.config import ExtractConfig
 from wsimamba.errors import SlideError
 from wsimamba.osthreads import name_os_thread
-from wsimamba.slide.qc import render_qc, write_png_atomic
+from wsimamba.slide.qc import png_bytes, render_qc
 from wsimamba.slide.reader import open_slide, slide_id_of
 from wsimamba.slide.tiles import NativeTilesUnsupported, TilePlan, plan_tiles
 from wsimamba.slide.tiling import PatchGrid, make_grid
@@ -44,6 +44,7 @@ class PreparedSlide:
     seconds: float  # spent preparing
     decoder: tuple[str, str] | None = None  # tile plans: the tile decoder and why (set by the embedding process)
     items: object = None  # tile plans: their reading, started ahead (`fastread.TileItems`; embedding process only)
+    qc_png: bytes | None = None  # the QC image (`--qc`), written to out_dir/qc/ when the slide's embedding starts
 
 
 def choose_reader(slide, grid: PatchGrid, requested: str, device_type: str | None = None) -> tuple[TilePlan | None, str]:
@@ -68,9 +69,11 @@ def choose_reader(slide, grid: PatchGrid, requested: str, device_type: str | Non
     return plan, ""
 
 
-def prepare_cpu(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device_type: str) -> PreparedSlide:
-    """Open a slide, find tissue, lay the grid, write its QC image and pick its reader (no GPU, no
-    torch: it runs in `SlidePreparer`'s processes). Raises on failure."""
+def prepare_cpu(slide_path: Path, cfg: ExtractConfig, device_type: str) -> PreparedSlide:
+    """Open a slide, find tissue, lay the grid, render its QC image and pick its reader (no GPU, no
+    torch: it runs in `SlidePreparer`'s processes). Writes nothing: the QC image is written when the
+    slide's embedding starts, so that an extraction whose encoder fails to build has written nothing.
+    Raises on failure."""
     t0 = time.perf_counter()
     slide_path = Path(slide_path)
     sid = slide_id_of(slide_path)
@@ -87,11 +90,12 @@ def prepare_cpu(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device_type
                 f"{slide_path}: no patch has ≥ {cfg.min_tissue:.0%} tissue "
                 f"(tissue found on {tissue.mask.mean():.1%} of the thumbnail)"
             )
+        qc = None
         if cfg.qc:
             thumb = tissue.thumbnail
             if thumb is None:
                 thumb = slide.thumbnail(max(1.0, max(slide.dimensions) / 2048))
-            write_png_atomic(render_qc(thumb, tissue, grid, slide.dimensions), Path(out_dir) / "qc" / f"{sid}.png")
+            qc = png_bytes(render_qc(thumb, tissue, grid, slide.dimensions))
         slide_attrs = {
             "slide_id": sid,
             "slide_path": str(slide_path.resolve()),
@@ -103,7 +107,7 @@ def prepare_cpu(slide_path: Path, out_dir: Path, cfg: ExtractConfig, device_type
     reader_attrs = {"reader": "tiles" if plan is not None else "openslide", "reader_requested": cfg.reader,
                     "reader_fallback": fallback}
     return PreparedSlide(slide_path, sid, grid, plan, slide_attrs, reader_attrs, tparams.as_attrs(),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, qc_png=qc)
 
 
 FORKSERVER_PRELOAD = ["wsimamba.features._mpmain", "wsimamba.features.prepare", "wsimamba.features.decodeprocs"]
@@ -132,6 +136,18 @@ def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once the server runs
     return ctx
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, where there is one, without waiting for it: it imports its preload
+    modules (numpy, scipy, OpenSlide, the slide code: ~0.6 s on an H200 host) in its own process while
+    the caller imports torch and builds its encoder. Without this it started at the first decoding
+    process, and that process's start waited for those imports."""
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class SlidePreparer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,18 @@ def render_qc(thumb: np.ndarray, tissue: TissueMask, grid: PatchGrid, level0_siz
     return img
 
 
-def write_png_atomic(img: Image.Image, path: Path) -> None:
-    """Write a PNG under a temporary name, then rename it into place."""
+def write_png_atomic(img: Image.Image | bytes, path: Path) -> None:
+    """Write a PNG (an image, or its encoded bytes from `png_bytes`) under a temporary name, then
+    rename it into place."""
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        if isinstance(img, bytes):
+            tmp.write_bytes(img)
+        else:
+            img.save(tmp, format="PNG")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """`img` encoded as PNG."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
