@@ -429,6 +429,76 @@ def test_non_pyramidal_tiff_through_tifffile(cohort, tmp_path):
     assert len(overlap) >= 0.9 * len(grid.coords)
 
 
+def test_gpus_splits_the_cohort_over_processes_with_one_report(extracted, tmp_path):
+    """`--gpus 2` (here two CPU processes): the same features as one process, one summary line, failed
+    slides reported by the launcher, and a rerun that skips what is done."""
+    root, slides, ref = extracted
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for s in slides:
+        (folder / Path(s.path).name).symlink_to(Path(s.path).resolve())
+    (folder / "broken.svs").write_bytes(b"not a slide" * 100)
+    out = tmp_path / "g"
+    cmd = [sys.executable, "-m", "wsimamba", "extract", str(folder), "--out", str(out), *EXTRACT_ARGS, "--workers", "0"]
+    r = subprocess.run([*cmd, "--gpus", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr  # one slide failed
+    summary = [ln for ln in r.stdout.splitlines() if " extracted (" in ln]
+    assert len(summary) == 1 and summary[0].startswith(f"{len(slides)} extracted") and "1 failed" in summary[0], r.stdout
+    assert "failed: broken:" in r.stderr and "error: rank" not in r.stderr, r.stderr
+    rows = manifest(out)
+    assert rows["broken"]["status"] == "failed" and all(rows[s.slide_id]["status"] == "ok" for s in slides)
+    for s in slides:
+        f1, c1, _, _ = read_features(ref / f"{s.slide_id}.h5")
+        f2, c2, _, _ = read_features(out / f"{s.slide_id}.h5")
+        np.testing.assert_array_equal(c1, c2)
+        np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-5)
+    # one process again (it leaves with os._exit after an extraction: its summary is still printed)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"0 extracted (0 patches, 0.0 patches/s), {len(slides)} already done, 1 failed" in r.stdout, (
+        r.stdout, r.stderr)
+
+
+def test_an_encoder_that_cannot_be_built_writes_nothing(cohort, tmp_path):
+    """The first slides are prepared while the encoder is built, but nothing is written until it is: a
+    weight file that does not fit fails the run with an empty output folder."""
+    root, _ = cohort
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"not.a.key": torch.zeros(3)}, wrong)
+    out = tmp_path / "f"
+    args = [a for a in EXTRACT_ARGS if a != "--random-init"]
+    for workers in ("0", "2"):
+        assert run_cli("extract", root / "slides", "--out", out, *args, "--weights", wrong, "--workers", workers) == 1
+        assert not out.exists()
+
+
+def test_the_first_slide_is_prepared_while_the_encoder_is_built(cohort, tmp_path, monkeypatch):
+    import wsimamba.features.extract as ex
+    from wsimamba.config import ExtractConfig
+
+    root, slides = cohort
+    events = []
+    real_prepare, real_create = ex.prepare_slide, ex.create_encoder
+
+    def prepare(path, *a, **k):
+        events.append(("prepare", time.perf_counter()))
+        return real_prepare(path, *a, **k)
+
+    def create(*a, **k):
+        time.sleep(0.5)
+        enc = real_create(*a, **k)
+        events.append(("encoder", time.perf_counter()))
+        return enc
+
+    monkeypatch.setattr(ex, "prepare_slide", prepare)
+    monkeypatch.setattr(ex, "create_encoder", create)
+    cfg = ExtractConfig(encoder="timm:test_resnet", random_init=True, target_mpp=2.0, patch_size=64, device="cpu",
+                        batch_size=16, workers=0)
+    res = ex.extract_cohort([slides[0].path], tmp_path / "f", cfg)
+    assert [r.status for r in res] == ["ok"]
+    assert [k for k, _ in events] == ["prepare", "encoder"], events
+    assert (tmp_path / "f" / "qc" / f"{slides[0].slide_id}.png").is_file()
+
+
 def test_encoder_weights_are_required_loaded_and_recorded(cohort, tmp_path):
     import timm
 

@@ -1,6 +1,4 @@
-import sys
-
-from wsimamba.cli import main
+from wsimamba.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 an error (or, for extract, at least one slide failed), 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,10 @@ err = Console(stderr=True)
 # typer vendors its own click; its UsageError (bad flags, missing arguments) is BadParameter's base
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 stdout = Console()
+# Set by a command that has released everything it opened when it returns (extract: files finished,
+# threads joined, worker processes stopped); `entry` then skips the interpreter's teardown.
+_exit_fast = False
+_argv: list[str] = []  # the arguments `main` was given (`extract --gpus` passes them on to its ranks)
 
 
 @app.callback()
@@ -194,8 +199,15 @@ def extract(
     no_qc: bool = typer.Option(False, "--no-qc", help="Do not write qc/<slide_id>.png."),
     seed: int = typer.Option(0, "--seed", help="Seed for --random-init weights."),
     reader: str = typer.Option("auto", "--reader", help="auto (native JPEG tiles when the grid allows and the encoder runs on CUDA, else OpenSlide), tiles or openslide."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="N or all: one process per GPU, each with its share of the slides and its own --workers (as torchrun --nproc-per-node N, without its launcher)."),
 ):
     """Tile slides on tissue, embed every patch, write one feature file per slide."""
+    if gpus is not None and not list_encoders_:
+        return _extract_on_ranks(gpus, device, out)
+    if workers > 0 and not list_encoders_ and slides_dir is not None:
+        from wsimamba.features.prepare import start_fork_server
+
+        start_fork_server()  # its imports overlap torch's, below
     from wsimamba.config import ExtractConfig, build_config
     from wsimamba.features.encoders import list_encoders
     from wsimamba.features.extract import extract_folder, parse_shard
@@ -219,13 +231,92 @@ def extract(
         ),
     )
     shard_t = parse_shard(shard)
-    bar = _RichExtractProgress()
+    from wsimamba.features.ranks import pipe_progress
+
+    rank_pipe = pipe_progress()  # a rank of `--gpus`: the launcher shows progress and reports
+    bar = rank_pipe or _RichExtractProgress()
     t0 = time.perf_counter()
     try:
         results = extract_folder(slides_dir, out, cfg, slide_list=slide_list, shard=shard_t, progress=bar)
     finally:
-        bar.stop()
+        if rank_pipe is None:
+            bar.stop()
+    global _exit_fast
+    _exit_fast = True
+    if rank_pipe is not None:
+        rank_pipe.close()
+        return 1 if any(r.status == "failed" for r in results) else 0
     return _report_extract(results, out, time.perf_counter() - t0)
+
+
+class _RichRanksProgress:
+    """The `--gpus` launcher's bar: slides done/total over all ranks, patches and patches/s."""
+
+    def __init__(self, n: int):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
+        )
+        self.slides = self.progress.add_task(f"slides ({n} GPUs)", total=None, info="")
+        self.t0 = time.perf_counter()
+        self.n_total = 0
+        self.n_patches = 0
+        self.failed = 0
+        self.progress.start()
+
+    def total(self, n: int) -> None:
+        self.n_total += n
+        self.progress.update(self.slides, total=self.n_total)
+
+    def patches(self, n: int) -> None:
+        self.n_patches += n
+        self._info()
+
+    def slide_end(self, slide: dict) -> None:
+        self.failed += slide.get("status") == "failed"
+        self.progress.update(self.slides, advance=1)
+        self._info()
+
+    def _info(self) -> None:
+        rate = self.n_patches / max(1e-9, time.perf_counter() - self.t0)
+        info = f"{self.n_patches:,} patches, {rate:,.0f}/s" + (f", {self.failed} failed" if self.failed else "")
+        self.progress.update(self.slides, info=info)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _extract_on_ranks(gpus: str, device: str, out: Path) -> int:
+    """`extract --gpus N`: the same command in N rank processes (`wsimamba.features.ranks`), one report."""
+    from wsimamba.features.ranks import parse_gpus, run_ranks, strip_option
+
+    n = parse_gpus(gpus, device)
+    t0 = time.perf_counter()
+    bar = _RichRanksProgress(n)
+    try:
+        report = run_ranks(strip_option(_argv, "--gpus"), n, bar)
+    finally:
+        bar.stop()
+    seconds = time.perf_counter() - t0
+    by_status = {k: [s for s in report.slides if s.get("status") == k] for k in ("ok", "skipped", "failed")}
+    patches = sum(int(s.get("patches") or 0) for s in by_status["ok"])
+    stdout.print(
+        f"{len(by_status['ok'])} extracted ({patches:,} patches, {patches / max(seconds, 1e-9):,.1f} patches/s), "
+        f"{len(by_status['skipped'])} already done, {len(by_status['failed'])} failed → {out}"
+    )
+    for s in by_status["failed"]:
+        err.print(f"failed: {s.get('slide_id')}: {s.get('error')}", highlight=False, markup=False)
+    if by_status["failed"]:
+        err.print(f"details in {Path(out) / 'manifest.csv'}", highlight=False)
+    if report.interrupted:
+        raise KeyboardInterrupt
+    stopped = report.stopped()
+    for r in stopped:
+        c = report.codes[r]
+        how = f"was killed by signal {-c}" if c < 0 else f"exited with code {c}"
+        err.print(f"error: rank {r} {how}; its remaining slides are not done (rerun the same command to finish them)",
+                  highlight=False, markup=False)
+    return 1 if stopped or by_status["failed"] else 0
 
 
 def _report_extract(results, out_dir: Path, seconds: float) -> int:
@@ -682,7 +773,9 @@ def quantize(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by `python -m wsimamba`)."""
+    global _argv
     argv = list(sys.argv[1:] if argv is None else argv)
+    _argv = argv
     debug = "--debug" in argv
     command = typer.main.get_command(app)
     try:
@@ -714,5 +807,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(rv) if isinstance(rv, int) else 0
 
 
+def entry() -> None:
+    """The `wsimamba` program (console script and `python -m wsimamba`): `main()`, then exit.
+
+    After an extraction, the process leaves with `os._exit` once its output is flushed, skipping the
+    interpreter's teardown: tearing down torch, torchvision and timm took ~1 s of CPU on the CI machine,
+    paid at the end of every run and by every rank under torchrun. `extract_cohort` has closed every
+    file, joined its threads and stopped its worker processes by then. Other commands exit normally
+    (their libraries may flush at exit)."""
+    rc = main()
+    if _exit_fast:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
