@@ -1,8 +1,8 @@
 """Extraction on several GPUs under torchrun, against one GPU, on the same cohort in the same run.
 
-Both runs are the real command (`python -m wsimamba extract`, and `torchrun --nproc-per-node N -m
-wsimamba extract`), timed from launch to exit, so process start, model build and the last slide's
-tail are counted for both. Each rank gets `--workers` reader processes of its own. The cohort is
+All runs are the real command (`python -m wsimamba extract`, `torchrun --nproc-per-node N -m wsimamba
+extract`, and `python -m wsimamba extract --gpus N`, the command's own launcher), timed from launch to
+exit, so process start, model build and the last slide's tail are counted for all. Each rank gets `--workers` reader processes of its own. The cohort is
 synthetic SVS slides, linked `--repeats` times so that the one-GPU run lasts long enough to measure.
 
     python benchmarks/extract_ranks.py --gpus 2                 # ResNet50-trunc, 256 px, native-tile reader
@@ -10,7 +10,9 @@ synthetic SVS slides, linked `--repeats` times so that the one-GPU run lasts lon
     python benchmarks/extract_ranks.py --device cpu --gpus 2 --encoder timm:test_resnet --slides 1 \
         --size 2048 --repeats 4 --workers 0                     # a CPU smoke run of the script itself
 
-Prints one JSON line (device, date, patches/s for 1 and N GPUs, their ratio) and writes it to --json.
+Prints one JSON line (device, date, patches/s for 1 and N GPUs, their ratios) and writes it to --json.
+`--timeline` runs the commands through `_rank_trace.py` (the same CLI) and adds, per process, when each
+step of its start and end happened, in seconds since the command's launch.
 The ratio is given twice: from launch to exit, and inside the command (the longest rank's own time,
 from the summary line it prints), which leaves out the interpreter's start, the torch import and
 torchrun's launcher: fixed costs of several seconds a run that a long cohort amortises.
@@ -35,6 +37,7 @@ import torch
 from _device import device_name  # benchmarks/ is on sys.path when a script here runs
 
 
+TRACE = Path(__file__).with_name("_rank_trace.py")
 SUMMARY = re.compile(r"(\d[\d,]*) extracted \(([\d,]+) patches, ([\d,.]+) patches/s\)")
 
 
@@ -47,19 +50,30 @@ def in_command_seconds(stdout: str) -> float | None:
     return max(times) if times else None
 
 
-def run_extract(slides: Path, out: Path, args, gpus: int) -> tuple[int, float, float | None]:
-    """(patches written, wall seconds, seconds inside the command) of one extraction run with `gpus`
-    processes."""
+def timelines(stderr: str) -> list[dict]:
+    """The `#timeline` lines of `_rank_trace.py`, one per process, in rank order."""
+    found = [json.loads(line.split(" ", 1)[1]) for line in stderr.splitlines() if line.startswith("#timeline ")]
+    return sorted(found, key=lambda t: t["rank"])
+
+
+def run_extract(slides: Path, out: Path, args, gpus: int, launcher: str = "torchrun") -> tuple[int, float, float | None, list[dict]]:
+    """(patches written, wall seconds, seconds inside the command, per-process timelines) of one
+    extraction run with `gpus` processes, started by `launcher` (torchrun, or the command's own `--gpus`)."""
     common = ["extract", str(slides), "--out", str(out), "--encoder", args.encoder, "--random-init",
               "--patch-size", str(args.patch_size), "--target-mpp", str(args.target_mpp), "--no-qc",
               "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--reader", args.reader]
+    entry = [str(TRACE)] if args.timeline else ["-m", "wsimamba"]
     if gpus == 1:
-        cmd = [sys.executable, "-m", "wsimamba", *common, "--device", args.device]
+        cmd = [sys.executable, *entry, *common, "--device", args.device]
+    elif launcher == "gpus":
+        cmd = [sys.executable, *entry, *common, "--device", "auto" if args.device == "cuda" else args.device,
+               "--gpus", str(gpus)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-               "-m", "wsimamba", *common, "--device", "auto" if args.device == "cuda" else args.device]
+               *entry, *common, "--device", "auto" if args.device == "cuda" else args.device]
+    env = {**os.environ, "WSIMAMBA_T0": repr(time.time())}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -70,9 +84,13 @@ def run_extract(slides: Path, out: Path, args, gpus: int) -> tuple[int, float, f
         raise SystemExit(f"{len(failed)} slides failed, first: {failed[0]}")
     readers = sorted({r.get("reader", "") for r in rows})
     inside = in_command_seconds(proc.stdout)
-    print(f"# {gpus} GPU(s): {len(rows)} slides, readers {readers}, {dt:.1f} s from launch to exit, "
+    print(f"# {gpus} GPU(s){'' if gpus == 1 else ', ' + launcher}: {len(rows)} slides, readers {readers}, {dt:.1f} s from launch to exit, "
           f"{inside if inside is not None else float('nan'):.1f} s inside the command", file=sys.stderr, flush=True)
-    return sum(int(r["patches"]) for r in rows), dt, inside
+    traces = timelines(proc.stderr)
+    for t in traces:
+        print(f"#   rank {t['rank']}: " + ", ".join(f"{k} {v:.2f}" for k, v in t["steps"].items()),
+              file=sys.stderr, flush=True)
+    return sum(int(r["patches"]) for r in rows), dt, inside, traces
 
 
 def main() -> None:
@@ -89,6 +107,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--reader", default="auto")
     ap.add_argument("--device", default="cuda", help="cuda (one GPU per rank), or cpu for a smoke run of the script")
+    ap.add_argument("--no-own-launcher", action="store_true", help="skip the run with the command's own --gpus N")
+    ap.add_argument("--timeline", action="store_true", help="record when each process's steps happened (_rank_trace.py)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() < args.gpus):
@@ -111,10 +131,15 @@ def main() -> None:
     (warm / sources[0].name).symlink_to(sources[0].resolve())
     run_extract(warm, tmp / "out_warm", args, 1)  # page cache, CUDA/cuDNN/nvJPEG first-use costs on disk
 
-    n1, t1, in1 = run_extract(cohort, tmp / "out_1", args, 1)
-    nn_, tn, inn = run_extract(cohort, tmp / f"out_{args.gpus}", args, args.gpus)
+    n1, t1, in1, tl1 = run_extract(cohort, tmp / "out_1", args, 1)
+    nn_, tn, inn, tln = run_extract(cohort, tmp / f"out_{args.gpus}", args, args.gpus)
     if nn_ != n1:
         raise SystemExit(f"patch counts differ: {n1} on 1 GPU, {nn_} on {args.gpus}")
+    own = None
+    if not args.no_own_launcher:
+        own = run_extract(cohort, tmp / f"out_{args.gpus}_own", args, args.gpus, launcher="gpus")
+        if own[0] != n1:
+            raise SystemExit(f"patch counts differ: {n1} on 1 GPU, {own[0]} with --gpus {args.gpus}")
     out = {
         "benchmark": "extract-ranks", "device": device_name(torch.device(args.device)), "gpus": args.gpus,
         "date": datetime.date.today().isoformat(), "encoder": args.encoder, "patch_size": args.patch_size,
@@ -128,6 +153,13 @@ def main() -> None:
         "n_gpu_seconds_inside": round(inn, 2) if inn else None,
         "speedup_inside": round(in1 / inn, 3) if in1 and inn else None,
     }
+    if own is not None:  # the command's own launcher (`--gpus N`): launch to exit only
+        out.update(own_launcher_seconds=round(own[1], 2), own_launcher_patches_per_s=round(own[0] / own[1], 1),
+                   own_launcher_speedup=round(t1 / own[1], 3))
+    if args.timeline:
+        out["timeline_one_gpu"], out["timeline_n_gpu"] = tl1, tln
+        if own is not None:
+            out["timeline_own_launcher"] = own[3]
     line = json.dumps(out)
     print(line)
     if args.json:
