@@ -1071,6 +1071,32 @@ def test_gpu_patches_equal_openslide(slides, name):
 
 
 @pytest.mark.gpu
+def test_page_locked_slots_are_released_after_close(slides):
+    """close() returns before the slots' page-locking is undone (a thread does it); once that thread is
+    done, no slot is registered with CUDA any more."""
+    from wsimamba.features.fastread import DecodeProcesses
+
+    with open_slide(slides["synth_svs"]) as slide:
+        plan = plan_tiles(slide, full_grid(slide, 0.5, 128, 0, max_patches=16))
+    rec = plan.recipe(0, 8)
+    procs = DecodeProcesses(1, slots=2, slot_bytes=8 * plan.read_size ** 2 * 3)
+    procs.pin(torch.device("cuda", torch.cuda.current_device()))
+    out = procs.decode(plan, rec).cuda(non_blocking=True)
+    ptrs = [procs._base + slot * procs.slot_bytes for slot in procs._pinned]
+    assert len(ptrs) == 1
+    procs.close()
+    procs._unpinning.join(timeout=30)
+    assert not procs._unpinning.is_alive()
+    # registering the slot again succeeds only if it is not registered any more (else
+    # cudaErrorHostMemoryAlreadyRegistered); the mapping lives as long as `procs`
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(ptrs[0], 4096, 1)) == 0
+    assert int(cudart.cudaHostUnregister(ptrs[0])) == 0
+    torch.cuda.synchronize()
+    assert out.shape[0] == 8
+
+
+@pytest.mark.gpu
 @pytest.mark.xfail(strict=False, reason="records whether nvjpeg honours the Adobe APP14 transform flag; "
                    "when it does not, the probe sends RGB-coded tiles to the CPU decoder")
 def test_nvjpeg_decodes_rgb_coded_tiles_with_the_adobe_marker(slides):
