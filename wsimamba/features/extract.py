@@ -24,7 +24,7 @@ import wsimamba
 from wsimamba.config import ExtractConfig
 from wsimamba.errors import SlideError, WsimambaError
 from wsimamba.features.encoders import Encoder, check_encoder, create_encoder
-from wsimamba.features.manifest import read_manifest, update_manifest
+from wsimamba.features.manifest import ManifestUpdates, read_manifest
 from wsimamba.features.prepare import PreparedSlide, SlidePreparer, choose_reader, prepare_cpu  # noqa: F401 (re-exported)
 from wsimamba.features.store import FeatureWriter, final_path, is_complete, read_features, remove_output
 from wsimamba.osthreads import name_os_thread
@@ -547,6 +547,7 @@ def extract_cohort(
 
     inflight: deque = deque()  # (slide path, start time, future of its SlideResult), in slide order
     results: list[SlideResult] = []
+    manifest_updates: ManifestUpdates | None = None  # rows written by a thread: the loop never waits for a rewrite
 
     def record(block: bool) -> None:
         while inflight and (block or inflight[0][2].done()):
@@ -558,7 +559,7 @@ def extract_cohort(
             except Exception as e:
                 res = SlideResult(slide_id_of(path), str(path), "failed", seconds=time.perf_counter() - t0,
                                   error=_one_line(e))
-            update_manifest(out_dir, {**res.__dict__, "seconds": f"{res.seconds:.2f}"})
+            manifest_updates.put({**res.__dict__, "seconds": f"{res.seconds:.2f}"})
             results.append(res)
             progress.slide_end(res)
 
@@ -570,6 +571,8 @@ def extract_cohort(
         if pool is not None:
             pool.close()
         preparer.close()
+        if manifest_updates is not None:
+            manifest_updates.stop()  # the rows of slides already recorded reach the file
 
     try:  # everything started above is stopped if anything fails before the loop's own cleanup
         # Slots hold a batch read at twice the grid's patch side (a 40x scan cut at 20x); shared memory
@@ -584,6 +587,7 @@ def extract_cohort(
         embedder = PatchEmbedder(encoder, device)
         out_dir.mkdir(parents=True, exist_ok=True)
         manifest = read_manifest(out_dir)
+        manifest_updates = ManifestUpdates(out_dir)
         progress.start(len(mine))
         for path in mine:
             sid = slide_id_of(path)
@@ -597,7 +601,7 @@ def extract_cohort(
                         res.patches = int(feats.shape[0])
                     except WsimambaError:
                         pass
-                    update_manifest(out_dir, {**res.__dict__, "status": "ok", "seconds": ""})
+                    manifest_updates.put({**res.__dict__, "status": "ok", "seconds": ""})
                 else:
                     res.patches = int(row.get("patches") or 0)
                 results.append(res)
@@ -630,6 +634,7 @@ def extract_cohort(
             inflight.append((path, t0, fut))
             record(block=False)
         record(block=True)
+        manifest_updates.close()  # every row in the file; raises what a rewrite raised
     finally:
         close()
     order = {str(p): k for k, p in enumerate(mine)}
