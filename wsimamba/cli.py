@@ -203,6 +203,8 @@ def extract(
 ):
     """Tile slides on tissue, embed every patch, write one feature file per slide."""
     if gpus is not None and not list_encoders_:
+        if slides_dir is None:
+            raise _UsageError("missing argument SLIDES_DIR")
         return _extract_on_ranks(gpus, device, out)
     if workers > 0 and not list_encoders_ and slides_dir is not None:
         from wsimamba.features.prepare import start_fork_server

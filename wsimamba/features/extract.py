@@ -338,10 +338,9 @@ def with_decoder(prep: PreparedSlide, device: torch.device) -> PreparedSlide:
 def start_embed(prep: PreparedSlide, out_dir: Path, cfg: ExtractConfig, embedder: PatchEmbedder,
                 progress: ExtractProgress | None = None, started=None, writes=None, pool=None) -> Future:
     """Write a prepared slide's QC image, embed its patches and write its feature file; the future gives
-    its `SlideResult`
-    once the file is complete under its final name, or raises what failed (nothing is then left under
-    the final name). `started()`, if given, is called once the reader's threads or worker processes
-    exist.
+    its `SlideResult` once the file is complete under its final name, or raises what failed (nothing is
+    then left under the final name). `started()`, if given, is called once the reader's threads or
+    worker processes exist.
 
     `writes` (a cohort's `fastread.FeatureWrites`) and `pool` (its `fastread.ReadPool`), for native
     tiles: the slide's last feature writes and its file's finishing are queued in the writing thread,

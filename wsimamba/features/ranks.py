@@ -30,7 +30,6 @@ from typing import Callable
 from wsimamba.errors import WsimambaError
 
 PROGRESS_FD_ENV = "WSIMAMBA_PROGRESS_FD"
-RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 STOP_GRACE_S = 30.0  # after an interrupt: how long the ranks get to finish their files before they are killed
 
 
@@ -69,7 +68,8 @@ def parse_gpus(text: str, device: str) -> int:
         if n < 1:
             raise WsimambaError(f"--gpus {text}: need at least 1")
     if device not in ("auto", "cuda", "cpu"):
-        raise WsimambaError(f"--gpus {text} gives each process its own GPU: --device must be auto or cuda (or cpu: N processes on the CPU), not {device!r}")
+        raise WsimambaError(f"--gpus {text} gives each process its own GPU: --device must be auto or cuda "
+                            f"(or cpu: N processes on the CPU), not {device!r}")
     return n
 
 
