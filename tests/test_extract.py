@@ -458,6 +458,45 @@ def test_gpus_splits_the_cohort_over_processes_with_one_report(extracted, tmp_pa
         r.stdout, r.stderr)
 
 
+def test_ctrl_c_stops_every_rank_cleanly_and_the_rerun_finishes(cohort, tmp_path):
+    """A Ctrl-C (SIGINT to the process group, as a terminal sends it) during `--gpus 2`: exit code 130, one
+    line saying so, no half-written file under a final name; the same command then does the rest."""
+    root, slides = cohort
+    out = tmp_path / "f"
+    args = [sys.executable, "-m", "wsimamba", "extract", str(root / "slides"), "--out", str(out),
+            "--encoder", "timm:test_vit", "--random-init", "--target-mpp", "2.0", "--patch-size", "64",
+            "--device", "cpu", "--batch-size", "1", "--workers", "0", "--gpus", "2"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if list(out.glob("*.h5")) and list(out.glob(".*.h5.partial")):  # one slide done, one half written
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("extraction never reached a second slide")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "error: interrupted" in err and "Traceback" not in err, err
+    assert not list(out.glob(".*.partial*"))
+    done = sorted(p.stem for p in out.glob("*.h5"))
+    assert 1 <= len(done) < len(slides)
+    for sid in done:
+        feats, coords, _, _ = read_features(out / f"{sid}.h5")
+        assert len(feats) == len(coords) > 0
+    fast = args[: args.index("--batch-size")] + ["--batch-size", "32", "--workers", "0", "--gpus", "2"]
+    r = subprocess.run(fast, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(slides) - len(done)} extracted" in r.stdout and f"{len(done)} already done" in r.stdout, r.stdout
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(s.slide_id for s in slides)
+
+
 def test_an_encoder_that_cannot_be_built_writes_nothing(cohort, tmp_path):
     """The first slides are prepared while the encoder is built, but nothing is written until it is: a
     weight file that does not fit fails the run with an empty output folder."""

@@ -806,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    if rv == 130:  # click (8.2+, non-standalone) turns a Ctrl-C inside a command into this return value
+        print("error: interrupted", file=sys.stderr)
     return int(rv) if isinstance(rv, int) else 0
 
 
