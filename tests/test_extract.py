@@ -483,7 +483,7 @@ def test_ctrl_c_stops_every_rank_cleanly_and_the_rerun_finishes(cohort, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 130, err
-    assert "error: interrupted" in err and "Traceback" not in err, err
+    assert err.count("error: interrupted") == 1 and "Traceback" not in err, err  # the launcher's, not each rank's
     assert not list(out.glob(".*.partial*"))
     done = sorted(p.stem for p in out.glob("*.h5"))
     assert 1 <= len(done) < len(slides)

@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _say_interrupted()
         return 130
     except WsimambaError as e:
         if debug:
@@ -807,8 +807,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     if rv == 130:  # click (8.2+, non-standalone) turns a Ctrl-C inside a command into this return value
-        print("error: interrupted", file=sys.stderr)
+        _say_interrupted()
     return int(rv) if isinstance(rv, int) else 0
+
+
+def _say_interrupted() -> None:
+    """One line for a Ctrl-C; not from the ranks of `extract --gpus`, whose launcher says it once."""
+    from wsimamba.features.ranks import PROGRESS_FD_ENV
+
+    if not os.environ.get(PROGRESS_FD_ENV):
+        print("error: interrupted", file=sys.stderr)
 
 
 def entry() -> None:
