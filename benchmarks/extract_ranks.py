@@ -1,9 +1,11 @@
-"""Extraction on several GPUs under torchrun, against one GPU, on the same cohort in the same run.
+"""Extraction on several GPUs (torchrun, and the command's own `--gpus N`) against one GPU, on the same
+cohort in the same run.
 
 All runs are the real command (`python -m wsimamba extract`, `torchrun --nproc-per-node N -m wsimamba
-extract`, and `python -m wsimamba extract --gpus N`, the command's own launcher), timed from launch to
-exit, so process start, model build and the last slide's tail are counted for all. Each rank gets `--workers` reader processes of its own. The cohort is
-synthetic SVS slides, linked `--repeats` times so that the one-GPU run lasts long enough to measure.
+extract`, and `python -m wsimamba extract --gpus N`), timed from launch to exit, so process start, model
+build and the last slide's tail are counted for all. Each rank gets `--workers` reader processes of its
+own. The cohort is synthetic SVS slides, linked `--repeats` times so that the one-GPU run lasts long
+enough to measure.
 
     python benchmarks/extract_ranks.py --gpus 2                 # ResNet50-trunc, 256 px, native-tile reader
     python benchmarks/extract_ranks.py --gpus 2 --encoder uni --patch-size 256 --repeats 20
@@ -56,7 +58,8 @@ def timelines(stderr: str) -> list[dict]:
     return sorted(found, key=lambda t: t["rank"])
 
 
-def run_extract(slides: Path, out: Path, args, gpus: int, launcher: str = "torchrun") -> tuple[int, float, float | None, list[dict]]:
+def run_extract(slides: Path, out: Path, args, gpus: int,
+                launcher: str = "torchrun") -> tuple[int, float, float | None, list[dict]]:
     """(patches written, wall seconds, seconds inside the command, per-process timelines) of one
     extraction run with `gpus` processes, started by `launcher` (torchrun, or the command's own `--gpus`)."""
     common = ["extract", str(slides), "--out", str(out), "--encoder", args.encoder, "--random-init",
@@ -84,7 +87,8 @@ def run_extract(slides: Path, out: Path, args, gpus: int, launcher: str = "torch
         raise SystemExit(f"{len(failed)} slides failed, first: {failed[0]}")
     readers = sorted({r.get("reader", "") for r in rows})
     inside = in_command_seconds(proc.stdout)
-    print(f"# {gpus} GPU(s){'' if gpus == 1 else ', ' + launcher}: {len(rows)} slides, readers {readers}, {dt:.1f} s from launch to exit, "
+    how = "" if gpus == 1 else f", {launcher}"
+    print(f"# {gpus} GPU(s){how}: {len(rows)} slides, readers {readers}, {dt:.1f} s from launch to exit, "
           f"{inside if inside is not None else float('nan'):.1f} s inside the command", file=sys.stderr, flush=True)
     traces = timelines(proc.stderr)
     for t in traces:
