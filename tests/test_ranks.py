@@ -86,6 +86,12 @@ def test_gpus_option_is_checked(monkeypatch):
         ranks.parse_gpus("all", "auto")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert ranks.parse_gpus("all", "cuda") == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3a1f,1,-1,0")  # CUDA stops at the first invalid entry
+    assert ranks.count_gpus() == 2
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import torch
+
+    assert ranks.count_gpus() == torch.cuda.device_count()  # NVML's count, or torch's without NVML
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(WsimambaError, match="torchrun"):
         ranks.parse_gpus("2", "auto")

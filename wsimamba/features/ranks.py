@@ -34,22 +34,32 @@ STOP_GRACE_S = 30.0  # after an interrupt: how long the ranks get to finish thei
 
 
 def count_gpus() -> int:
-    """CUDA devices this process may use, without importing torch: the entries of
-    `CUDA_VISIBLE_DEVICES` when it is set, else NVML's count (0 without a driver)."""
+    """CUDA devices this process may use, without importing torch where it can: the entries of
+    `CUDA_VISIBLE_DEVICES` when it is set (up to the first invalid one, as CUDA reads it), else NVML's
+    count; torch's count when NVML cannot be asked."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([v for v in visible.split(",") if v.strip()])
+        n = 0
+        for v in visible.split(","):
+            v = v.strip()
+            if not v or v.startswith("-"):
+                break
+            n += 1
+        return n
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_uint(0)
-    if nvml.nvmlInit_v2() != 0:
-        return 0
-    try:
-        return int(count.value) if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
-    finally:
-        nvml.nvmlShutdown()
+        count = ctypes.c_uint(0)
+        if nvml.nvmlInit_v2() == 0:
+            try:
+                if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0:
+                    return int(count.value)
+            finally:
+                nvml.nvmlShutdown()
+    except (OSError, AttributeError):  # no driver library, or one without these symbols
+        pass
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def parse_gpus(text: str, device: str) -> int:
