@@ -74,8 +74,9 @@ class ManifestUpdates:
 
     A rewrite reads and writes every row: ~3 ms at 1,000 slides and ~70 ms at 10,000 on the CI machine,
     which the embedding loop used to wait for after every slide. Rows not yet written when a run is
-    killed are not lost: the next run rebuilds the row of every complete output that has none. `close()` returns once every row put is
-    in the file, and raises what a rewrite raised (so does `put` after a failure); `stop()` only waits."""
+    killed are not lost: the next run rebuilds the row of every complete output that has none.
+    `close()` returns once every row put is in the file, and raises what a rewrite raised (so does
+    `put` after a failure); `stop()` only waits."""
 
     def __init__(self, out_dir: Path, update: Callable[[Path, list[dict]], None] | None = None):
         self.out_dir = Path(out_dir)
