@@ -128,20 +128,21 @@ def _bar(label: str) -> _Bar:
 # extract
 
 
+def _extract_bars() -> Progress:
+    """Extraction progress on stderr: description, bar, done/total, an info field, elapsed time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
+    )
+
+
 class _RichExtractProgress:
     """Slides done/total and patches/s, drawn with rich on stderr."""
 
     def __init__(self):
         from wsimamba.features.extract import ExtractProgress  # noqa: F401  (the protocol we follow)
 
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=err,
-        )
+        self.progress = _extract_bars()
         self.slides = self.progress.add_task("slides", total=None, info="")
         self.patches = self.progress.add_task("patches", total=None, info="")
         self.t0 = time.perf_counter()
@@ -255,10 +256,7 @@ class _RichRanksProgress:
     """The `--gpus` launcher's bar: slides done/total over all ranks, patches and patches/s."""
 
     def __init__(self, n: int):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
-        )
+        self.progress = _extract_bars()
         self.slides = self.progress.add_task(f"slides ({n} GPUs)", total=None, info="")
         self.t0 = time.perf_counter()
         self.n_total = 0

@@ -266,10 +266,10 @@ class DecodeProcesses:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
             if self._pinned:
-                # No copy may still read a slot; then the page-locking is undone in a thread of its own,
-                # which the end of every run waited for: with it, an H200 run's last batch was 0.41-0.46 s
-                # from extract_cohort's return (0.62-0.72 s with batches of 512), without it 0.27 s. The
-                # mapping stays alive until then; a process that exits first leaves that to the driver.
+                # No copy may still read a slot; then the page-locking is undone in a thread of its own.
+                # While close() did it itself, an H200 run's last batch was 0.41-0.46 s from
+                # extract_cohort's return (0.62-0.72 s with batches of 512); now 0.27 s. The mapping
+                # stays alive until then; a process that exits first leaves that to the driver.
                 torch.cuda.synchronize(self._pin_device)
                 ptrs = [self._base + slot * self.slot_bytes for slot in self._pinned]
                 self._unpinning = threading.Thread(target=_unpin, args=(ptrs, self._map), name="wsimamba-unpin",
