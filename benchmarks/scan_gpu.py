@@ -8,6 +8,8 @@ bandwidth, and `state` exponentials per element at the measured exp throughput.
     python benchmarks/scan_gpu.py                  # the issue's shapes, bf16, z + softplus
     python benchmarks/scan_gpu.py --sweep          # also try tile configurations at the largest shape
     python benchmarks/scan_gpu.py --quick          # one shape, for a smoke test
+    git show REV:kernels/selective_scan.py > /tmp/old.py
+    python benchmarks/scan_gpu.py --baseline /tmp/old.py   # an older version timed beside this one
 
 Prints a table and writes JSON lines to --json.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +66,15 @@ def exp_rate() -> float:
     fn = lambda: _exp_kernel[(n // block,)](x, out, ITERS=iters, BLOCK=block)  # noqa: E731
     ms = median_ms(fn)
     return n * iters * 4 / (ms * 1e-3)
+
+
+def load_baseline(path: Path):
+    """An older copy of kernels/selective_scan.py as a module of its own, to time in the same process."""
+    spec = importlib.util.spec_from_file_location("baseline_selective_scan", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make(batch, dim, state, length, dtype=torch.bfloat16, seed=0):
@@ -121,6 +134,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true",
                     help="also report the peak GPU memory of one forward + backward per direction, sequential "
                          "and scan backward, at --sweep-shape")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="an older kernels/selective_scan.py, timed right after this one for every row of the shape "
+                         "table (same inputs, same process); rows get its time and the speed-up")
     ap.add_argument("--forwards", default="seq,scan",
                     help="forward kernels to time in the shape table (both in one process): seq, scan")
     args = ap.parse_args()
@@ -146,6 +162,10 @@ def main() -> None:
     def triton_fn(**kw):
         return ks.selective_scan(**kw)
 
+    base = load_baseline(args.baseline) if args.baseline else None
+    if base is not None:
+        print(f"baseline: {args.baseline}")
+
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in part.split(",")) for part in args.shapes.split(";")]
@@ -163,6 +183,10 @@ def main() -> None:
             ks.FORWARD = impl
             t0 = time.perf_counter()
             ms = time_direction(triton_fn, a, direction, window, backward)
+            base_ms = None
+            if base is not None:
+                base.FORWARD = impl
+                base_ms = time_direction(lambda **kw: base.selective_scan(**kw), a, direction, window, backward)
             passes = 2 if direction == "bidirectional" else 1
             floor_b = passes * bytes_floor(batch, dim, state, length, item, backward) / bw * 1e3
             floor_e = passes * (1 if not backward else 1) * state * elems / er * 1e3
@@ -173,6 +197,8 @@ def main() -> None:
                        bytes_floor_ms=round(floor_b, 4), exp_floor_ms=round(floor_e, 4),
                        x_bytes_floor=round(ms / floor_b, 2), x_exp_floor=round(ms / floor_e, 2),
                        wall_s=round(time.perf_counter() - t0, 1))
+            if base_ms is not None:
+                rec.update(baseline_ms=round(base_ms, 4), speedup=round(base_ms / ms, 3))
             rows.append(rec)
             print(json.dumps(rec), flush=True)
         ks.FORWARD = "auto"
@@ -252,7 +278,8 @@ def main() -> None:
     for r in rows:
         if r["kind"] == "triton":
             print(f"{r['shape']:<24} {r['op']:<11} {r['pass_']:<4} {r['ms']:8.3f} {r['gelem_s']:8.1f} "
-                  f"{r['x_bytes_floor']:10.2f} {r['x_exp_floor']:10.2f}")
+                  f"{r['x_bytes_floor']:10.2f} {r['x_exp_floor']:10.2f}"
+                  + (f"   baseline {r['baseline_ms']:.3f} ms, {r['speedup']:.2f}x" if "speedup" in r else ""))
         elif r["kind"] in ("reference", "mamba_ssm"):
             print(f"{r['shape']:<24} {r['op']:<11} {r['pass_']:<4} {r['ms']:8.3f}  ({r['kind']})")
     if args.json:

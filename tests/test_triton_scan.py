@@ -330,6 +330,43 @@ def test_segment_summaries_wait_for_the_slowest_state(seg, monkeypatch):
     assert _rel(cut[:, 4], ref[:, 4]) > 1e-2
 
 
+@triton.jit
+def _softplus_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(y_ptr + offs, ks._softplus(x), mask=offs < n)
+
+
+def _softplus_error(device):
+    """The kernels' softplus on a dense fp32 grid over [-80, 30] (below, softplus(x) ≈ e^x is subnormal in
+    fp32): the largest relative error against float64, divided by max(1, |x|). e^x computed as
+    2^(x·log2 e) carries the rounding of the product, a relative error of about |x|·eps (torch's
+    expf reduces the range in extended precision); for x < -20 that is still a Δ below 2e-9."""
+    x = torch.cat([torch.linspace(-80, 30, 200_003, dtype=torch.float32),
+                   torch.tensor([0.0, -0.0, 20.0, 20.000002, 19.999998, -20.0, -1e-8, 1e-8])]).to(device)
+    y = torch.empty_like(x)
+    _softplus_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    exact = torch.nn.functional.softplus(x.double())
+    rel = (y.double() - exact).abs() / exact.clamp_min(1e-300)
+    return (rel / x.double().abs().clamp_min(1.0)).max().item(), (y[x > 20] == x[x > 20]).all().item()
+
+
+def test_softplus_is_accurate_to_a_few_ulp():
+    # the fitted log1p polynomial: a wrong coefficient, or losing the tail below x ≈ -17 (where
+    # 1 + e^x rounds to 1 and log(1 + exp(x)), the kernels' softplus before, returns 0), fails here
+    err, threshold_exact = _softplus_error(DEV)
+    assert err < 4e-7, err
+    assert threshold_exact  # above 20, x itself (PyTorch's threshold)
+
+
+@pytest.mark.gpu
+def test_gpu_softplus_is_accurate_to_a_few_ulp():
+    # compiled, tl.exp2 is the hardware's approximate exponential (relative error ~2^-22)
+    err, threshold_exact = _softplus_error("cuda")
+    assert err < 8e-7, err
+    assert threshold_exact
+
+
 # ----------------------------------------------------------------------------------------------
 # full sizes, compiled, on the GPU
 
