@@ -507,6 +507,14 @@ def _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, 
 
 
 @triton.jit
+def _prefetch(ptrs):
+    """Ask for the cache lines holding `ptrs` to be brought into L1 (PTX `prefetch.global.L1`): a hint
+    with no result, so nothing waits on it. Compiled only: the interpreter has no inline assembly."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _pick(tile, t_idx, t: tl.constexpr):
     # column t of a tile whose positions lie in one thread: LLVM folds this to a register read
     return tl.sum(tl.where(t_idx[None, :] == t, tile, -0.0), axis=1)
@@ -569,7 +577,7 @@ def _fwd_seq_kernel(
     s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
-    SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr,
+    SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
@@ -578,8 +586,12 @@ def _fwd_seq_kernel(
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     h = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
-    base_bt = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
-    base_ct = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
+    bt_row0 = Bt_ptr + b * s_Bb + g * s_Bg
+    ct_row0 = Ct_ptr + b * s_Cb + g * s_Cg
+    base_bt = bt_row0 + n_idx
+    base_ct = ct_row0 + n_idx
+    if PREFETCH_L1:
+        pf_idx = tl.arange(0, 2 * TB)
     # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
     # Δ = u = 0, so b = 0 and a = 1 there whatever B holds, and those outputs are not stored
     n_blocks = (end - start + STEP - 1) // STEP
@@ -588,6 +600,19 @@ def _fwd_seq_kernel(
                                                        s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
     for blk in range(0, n_blocks):
         pos0 = start + blk * STEP
+        if PREFETCH_L1:
+            # the next block's B and C rows (one 64-byte row per position) and u, Δ, z (one run of STEP
+            # positions per channel) into L1 now, a block of work before they are read: B and C come
+            # from L2 (every channel tile reads them), u, Δ and z from memory
+            # (addresses kept inside the tensors: B and C have TB padding rows, u, Δ, z end at L - 1)
+            rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
+            _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
+            nxt = tl.minimum(pos0 + STEP, L - 1)
+            crow = tl.minimum(offs_d, DIM - 1)
+            _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt)
+            _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt)
+            if HAS_Z:
+                _prefetch(z_ptr + b * s_zb + crow * s_zd + nxt)
         if PREFETCH:
             # this block's inputs were loaded one block ago; ask for the next block's now
             u, dt, mask = u_next, dt_next, mask_next
@@ -745,7 +770,7 @@ def _bwd_seq_kernel(
     s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
-    SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr,
+    SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr, PREFETCH_L1: tl.constexpr, PF: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
@@ -759,9 +784,24 @@ def _bwd_seq_kernel(
     base_b = Bt_ptr + b * s_Bb + g * s_Bg + n_idx
     base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     n_blocks = (end - start + STEP - 1) // STEP
+    if PREFETCH_L1:
+        pf_idx = tl.arange(0, 2 * PF)
+        crow = tl.minimum(offs_d, DIM - 1)
     for i in range(0, n_blocks):
         pos0 = start + (n_blocks - 1 - i) * STEP
         blk_end = tl.minimum(pos0 + STEP, end)
+        if PREFETCH_L1:
+            # the block before (walked next) into L1 while this one is worked on: its saved state, B and C
+            # rows, and u, Δ, dout, z (addresses kept inside the tensors: at the first block, position 0)
+            prv = tl.maximum(pos0 - STEP, 0)
+            rows = (prv + pf_idx % PF).to(tl.int64) * N
+            _prefetch(tl.where(pf_idx < PF, Bt_ptr + b * s_Bb + g * s_Bg + rows, Ct_ptr + b * s_Cb + g * s_Cg + rows))
+            _prefetch(hs_ptr + b * s_hb + crow * s_hd + (prv // STEP) * s_hc)
+            _prefetch(u_ptr + b * s_ub + crow * s_ud + prv)
+            _prefetch(dt_ptr + b * s_tb + crow * s_td + prv)
+            _prefetch(dout_ptr + b * s_gb + crow * s_gd + prv)
+            if HAS_Z:
+                _prefetch(z_ptr + b * s_zb + crow * s_zd + prv)
         h0 = tl.load(hs_ptr + b * s_hb + row * s_hd + n_idx[None, :] * s_hn + (pos0 // STEP) * s_hc, mask=mask_d[:, None], other=0.0)
         r = tl.zeros((BLOCK_D, N), dtype=tl.float32)
         b_next = r
@@ -1081,7 +1121,9 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     block_d = int(override.get("BLOCK_D", 32 * num_warps // lanes))
     block_d = _fit_channels(block_d, dim, groups)
     return dict(BLOCK_D=block_d, STEP=step, SUB=sub, TB=tb, VEC=vec, num_warps=num_warps, SEG=override.get("SEG"),
-                maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)))
+                maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)),
+                # the block walked next asked into L1 a block ahead (inline PTX: not in the interpreter)
+                PREFETCH_L1=bool(override.get("PREFETCH_L1", True)) and not _interpreting())
 
 
 def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override: dict | None) -> dict:
@@ -1104,7 +1146,9 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): both prefetches pay for LB,
                 # the u/Δ one costs the plain forward registers and time
                 PREFETCH=bool((override or {}).get("PREFETCH", bool(window))),
-                PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", True)))
+                PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", True)),
+                # the next block's rows asked into L1 a block ahead (inline PTX: not in the interpreter)
+                PREFETCH_L1=bool((override or {}).get("PREFETCH_L1", True)) and not _interpreting())
 
 
 def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None,
@@ -1155,7 +1199,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         *(hs.stride() if save_states else (0, 0, 0, 0)),
-        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"],
+        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"], PREFETCH_L1=sc["PREFETCH_L1"],
         HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
     )
@@ -1303,7 +1347,7 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
         N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=max(2, triton.next_power_of_2(sc["SUB"])),  # a 1-row tile trips the interpreter
-        WINDOW=int(window or 0), VEC=sc["VEC"],
+        WINDOW=int(window or 0), VEC=sc["VEC"], PREFETCH_L1=sc["PREFETCH_L1"], PF=triton.next_power_of_2(step),
         HAS_D=D is not None, **flags, num_warps=nw, **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
     _note_kernel("bwd_seq", kern)
