@@ -16,6 +16,11 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   state the forward saved entering each block. The scan-based kernels below are the fallback for
   larger states and windows (`BACKWARD = "scan"` pairs the sequential forward with the scan backward;
   the forward then saves states at the scan chunks instead).
+- The sequential kernels ask for the next block's rows (B, C, u, Δ, z; in the backward also dout and
+  the saved state) to be brought into L1 a block ahead (`_prefetch`, PTX `prefetch.global.L1`): B
+  and C are read by every channel tile and come from L2, and the compiler places the loads only a few
+  dozen instructions before their use. A hint with no effect on results; off in the interpreter, which
+  has no inline assembly.
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence

@@ -379,6 +379,27 @@ def test_gpu_long_sequence_fp32(direction, window):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 5), ("local_bidirectional", 16)])
+def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
+    # the L1 prefetches (inline PTX, compiled only) are hints: with them on and off, the output and the
+    # gradients written per position are bit for bit the same, the atomically summed ones equal to
+    # rounding; odd length and segments, so the clamped addresses past the end are exercised
+    args = _inputs(2, 96, 3001, 16, device="cuda")
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"PREFETCH_L1": on, "SEG": 7},
+                                                  "bwd_seq": {"PREFETCH_L1": on, "SEG": 5}})
+        results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
+                            window=window))
+    (out_on, g_on), (out_off, g_off) = results
+    assert torch.equal(out_on, out_off)
+    for k in ("u", "delta", "z"):
+        assert torch.equal(g_on[k], g_off[k]), k
+    for k in ("A", "B", "C", "D", "delta_bias"):
+        assert _rel(g_on[k], g_off[k]) < 1e-6, k
+
+
+@pytest.mark.gpu
 def test_gpu_batched_bf16_through_dispatch():
     from wsimamba.ops import selective_scan
 
