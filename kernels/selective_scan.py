@@ -597,6 +597,7 @@ def _fwd_seq_kernel(
     base_ct = ct_row0 + n_idx
     if PREFETCH_L1:
         pf_idx = tl.arange(0, 2 * TB)
+        crow = tl.minimum(offs_d, DIM - 1)
     # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
     # Δ = u = 0, so b = 0 and a = 1 there whatever B holds, and those outputs are not stored
     n_blocks = (end - start + STEP - 1) // STEP
@@ -613,7 +614,6 @@ def _fwd_seq_kernel(
             rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
             _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
             nxt = tl.minimum(pos0 + STEP, L - 1)
-            crow = tl.minimum(offs_d, DIM - 1)
             _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt)
             _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt)
             if HAS_Z:
