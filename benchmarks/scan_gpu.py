@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="batch,dim,state,length[;...] instead of the issue's four shapes")
     ap.add_argument("--sweep-forward-only", action="store_true", help="--sweep: time the forward passes only")
     ap.add_argument("--sweep-backward-only", action="store_true", help="--sweep: time the backward passes only")
+    ap.add_argument("--sweep-ops", default="fwd,LB", help="--sweep: which of fwd (unidirectional) and LB to time")
     ap.add_argument("--memory", action="store_true",
                     help="also report the peak GPU memory of one forward + backward per direction, sequential "
                          "and scan backward, at --sweep-shape")
@@ -256,6 +257,8 @@ def main() -> None:
             ks.SEQ_WARPS_PER_SM = item.get("warps_per_sm", 16)
             for backward in (False,) if args.sweep_forward_only else (True,) if args.sweep_backward_only else (False, True):
                 for label, direction, window in (("fwd", "forward", None), ("LB", "local_bidirectional", args.window)):
+                    if label not in args.sweep_ops.split(","):
+                        continue
                     t0 = time.perf_counter()
                     try:
                         ms = time_direction(triton_fn, a, direction, window, backward)
@@ -267,6 +270,8 @@ def main() -> None:
                                wall_s=round(time.perf_counter() - t0, 1))
                     if backward and ks.BACKWARD == "auto":
                         rec["bwd_seq_kernel"] = dict(ks.KERNEL_RESOURCES.get("bwd_seq", {}))
+                    elif not backward:
+                        rec["fwd_seq_kernel"] = dict(ks.KERNEL_RESOURCES.get("fwd_seq_lb" if window else "fwd_seq", {}))
                     print(json.dumps(rec), flush=True)
                     rows.append(rec)
         ks.TILE_OVERRIDE = None

@@ -575,6 +575,72 @@ def _fwd_seq_summary_kernel(
 
 
 @triton.jit
+def _place(y, ys, t_idx, STEP: tl.constexpr):
+    """y (channels, TB) plus the per-position sums ys in their columns."""
+    for t in tl.static_range(STEP):
+        y = tl.where(t_idx[None, :] == t, y + ys[t][:, None], y)
+    return y
+
+
+@triton.jit
+def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
+                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr):
+    """One block of the sequential forward: the walk forward, h_t = a_t h_{t-1} + Δ_t u_t B_t and
+    y_t += C_t·h_t; for LB then the window's walk back, y_t += C_t·r_t. row_b, row_c point at the
+    block's first B and C row. Returns h and y.
+    SUMS_AFTER: the per-position sums are kept as a tuple of (channels,) vectors and go into y once,
+    after both walks (`_place`). Measured faster where a channel's positions are split over lanes (TB
+    16: LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10); with TB <= 8 a thread holds all of
+    a channel's positions and each sum is one register add either way."""
+    kept = ()
+    ys = ()
+    n_idx = tl.arange(0, N)
+    if PREFETCH_BC:
+        Bt_next = tl.load(row_b + n_idx)
+        Ct_next = tl.load(row_c + n_idx)
+    for t in tl.static_range(STEP):
+        if PREFETCH_BC:
+            # B and C of position t were asked for one position ago: their latency hides behind this one
+            Bt = Bt_next.to(tl.float32)
+            Ct = Ct_next.to(tl.float32)
+            if t + 1 < STEP:
+                Bt_next = tl.load(row_b + (t + 1) * N + n_idx)
+                Ct_next = tl.load(row_c + (t + 1) * N + n_idx)
+        else:
+            Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)
+            Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)
+        a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
+        h = a * h + _pick(dtu, t_idx, t)[:, None] * Bt[None, :]
+        if SUMS_AFTER:
+            ys = ys + (tl.sum(h * Ct[None, :], axis=1),)
+        else:
+            y = tl.where(t_idx[None, :] == t, y + tl.sum(h * Ct[None, :], axis=1)[:, None], y)
+        if WINDOW > 0:
+            kept = kept + (a,)
+    if WINDOW > 0:
+        # the window's backward half: r_t = a_t (r_{t+1} + b_{t+1}) = g_t - b_t, r at the window end = 0
+        r = tl.zeros(h.shape, dtype=tl.float32)
+        back = ()
+        for k in tl.static_range(STEP - 1):
+            # position t = STEP - 2 - k of the window
+            B1 = tl.load(row_b + (STEP - 1 - k) * N + n_idx).to(tl.float32)
+            Ct = tl.load(row_c + (STEP - 2 - k) * N + n_idx).to(tl.float32)
+            r = kept[STEP - 2 - k] * (r + _pick(dtu, t_idx, STEP - 1 - k)[:, None] * B1[None, :])
+            if SUMS_AFTER:
+                back = (tl.sum(r * Ct[None, :], axis=1),) + back
+            else:
+                y = tl.where(t_idx[None, :] == STEP - 2 - k, y + tl.sum(r * Ct[None, :], axis=1)[:, None], y)
+        if SUMS_AFTER:
+            both = ()
+            for t in tl.static_range(STEP - 1):
+                both = both + (ys[t] + back[t],)
+            ys = both + (ys[STEP - 1],)
+    if SUMS_AFTER:
+        y = _place(y, ys, t_idx, STEP)
+    return h, y
+
+
+@triton.jit
 def _fwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr, sx_ptr, sp_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
@@ -583,7 +649,7 @@ def _fwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SUMS_AFTER: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
@@ -593,8 +659,6 @@ def _fwd_seq_kernel(
     h = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
     bt_row0 = Bt_ptr + b * s_Bb + g * s_Bg
     ct_row0 = Ct_ptr + b * s_Cb + g * s_Cg
-    base_bt = bt_row0 + n_idx
-    base_ct = ct_row0 + n_idx
     if PREFETCH_L1:
         pf_idx = tl.arange(0, 2 * TB)
         crow = tl.minimum(offs_d, DIM - 1)
@@ -636,37 +700,9 @@ def _fwd_seq_kernel(
             y = Dv[:, None] * u
         else:
             y = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
-        kept = ()
-        row_b = base_bt + pos0.to(tl.int64) * N
-        row_c = base_ct + pos0.to(tl.int64) * N
-        if PREFETCH_BC:
-            Bt_next = tl.load(row_b)
-            Ct_next = tl.load(row_c)
-        for t in tl.static_range(STEP):
-            if PREFETCH_BC:
-                # B and C of position t were asked for one position ago: their latency hides behind this one
-                Bt = Bt_next.to(tl.float32)
-                Ct = Ct_next.to(tl.float32)
-                if t + 1 < STEP:
-                    Bt_next = tl.load(row_b + (t + 1) * N)
-                    Ct_next = tl.load(row_c + (t + 1) * N)
-            else:
-                Bt = tl.load(row_b + t * N).to(tl.float32)
-                Ct = tl.load(row_c + t * N).to(tl.float32)
-            a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
-            h = a * h + _pick(dtu, t_idx, t)[:, None] * Bt[None, :]
-            y = tl.where(t_idx[None, :] == t, y + tl.sum(h * Ct[None, :], axis=1)[:, None], y)
-            if WINDOW > 0:
-                kept = kept + (a,)
-        if WINDOW > 0:
-            # the window's backward half: r_t = a_t (r_{t+1} + b_{t+1}) = g_t - b_t, r at the window end = 0
-            r = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-            for k in tl.static_range(STEP - 1):
-                # position t = STEP - 2 - k of the window
-                B1 = tl.load(row_b + (STEP - 1 - k) * N).to(tl.float32)
-                Ct = tl.load(row_c + (STEP - 2 - k) * N).to(tl.float32)
-                r = kept[STEP - 2 - k] * (r + _pick(dtu, t_idx, STEP - 1 - k)[:, None] * B1[None, :])
-                y = tl.where(t_idx[None, :] == STEP - 2 - k, y + tl.sum(r * Ct[None, :], axis=1)[:, None], y)
+        row_b = bt_row0 + pos0.to(tl.int64) * N
+        row_c = ct_row0 + pos0.to(tl.int64) * N
+        h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER)
         row = offs_d[:, None]
         pos = pos0 + t_idx
         if HAS_Z:
@@ -1148,12 +1184,19 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
     block_d = _fit_channels(block_d, dim, groups)
     return dict(BLOCK_D=block_d, TB=tb, STEP=step, SAVE_EVERY=chunk // step, num_warps=num_warps,
                 SEG=(override or {}).get("SEG"),
-                # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): both prefetches pay for LB,
-                # the u/Δ one costs the plain forward registers and time
+                # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): the u/Δ prefetch pays for LB
+                # and costs the plain forward registers and time; B/C one position ahead pays for the plain
+                # forward (1.32 against 1.51 ms) and not for LB windows of 16 (1.56 against 1.53, session 10;
+                # smaller windows keep it: without it ptxas spills more there, SASS)
                 PREFETCH=bool((override or {}).get("PREFETCH", bool(window))),
-                PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", True)),
+                PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", not (window and tb >= 16))),
                 # the next block's rows asked into L1 a block ahead (inline PTX: not in the interpreter)
-                PREFETCH_L1=bool((override or {}).get("PREFETCH_L1", True)) and not _interpreting())
+                PREFETCH_L1=bool((override or {}).get("PREFETCH_L1", True)) and not _interpreting(),
+                # each position's sum over states added into the output tile after the walks, not during them
+                # (`_walk_window`): pays where a channel's positions are split over lanes (TB 16)
+                SUMS_AFTER=bool((override or {}).get("SUMS_AFTER", tb >= 16)),
+                # a register cap for ptxas (sweeps only: every cap tried made the LB forward slower)
+                maxnreg=(override or {}).get("maxnreg"))
 
 
 def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None,
@@ -1198,16 +1241,18 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Bt.stride(0), Bt.stride(1),
             A.stride(0), A.stride(1), **tiles, **flags, num_warps=nw,
         )
-    _fwd_seq_kernel[(d_tiles, batch, n_seg)](
+    kern = _fwd_seq_kernel[(d_tiles, batch, n_seg)](
         u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, out, hs, last, sx, sp,
         L, dim, dim // groups, seg_len, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         *(hs.stride() if save_states else (0, 0, 0, 0)),
         **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"], PREFETCH_L1=sc["PREFETCH_L1"],
-        HAS_D=D is not None, HAS_Z=z is not None, **flags,
+        SUMS_AFTER=sc["SUMS_AFTER"], HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
+        **({"maxnreg": sc["maxnreg"]} if sc["maxnreg"] else {}),
     )
+    _note_kernel("fwd_seq_lb" if window else "fwd_seq", kern)
     return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), scan_cfg
 
 

@@ -266,6 +266,25 @@ def test_sequential_and_scan_forwards_agree(direction, window, prefetch, small_t
     assert _rel(out_seq, out_scan) < 1e-5
 
 
+@pytest.mark.parametrize("direction,window,tb", [("forward", None, 16), ("forward", None, 4), ("local_bidirectional", 16, None),
+                                                 ("local_bidirectional", 5, None)])
+@pytest.mark.parametrize("sums_after", [False, True])
+def test_sequential_forward_adds_position_sums_during_or_after_the_walks(direction, window, tb, sums_after, monkeypatch):
+    """The sequential forward adds each position's sum over states (C_t·h_t, and for LB C_t·r_t) into
+    the output tile as the walks make it, or keeps the sums and adds them after both walks (the
+    default for 16-position blocks): either way, the reference's output, for plain blocks of 16 and 4
+    and LB windows of 16 and 5 (a block of 8 with 3 positions unused)."""
+    seq = {"BLOCK_D": 4, "SEG": 2, "SUMS_AFTER": sums_after, **({"TB": tb} if tb else {})}
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": seq})
+    monkeypatch.setattr(ks, "FORWARD", "seq")
+    args = _inputs(2, 7, 83, 8)
+    ref = {k: (v.float() if v is not None else None) for k, v in args.items()}
+    out = ks.selective_scan(**args, delta_softplus=True, direction=direction, window=window)
+    expected = selective_scan_reference(**ref, delta_softplus=True, direction=direction, window=window)
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert _rel(out, expected) < 1e-5, _SEEDS
+
+
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4), ("local_bidirectional", 16)])
 @pytest.mark.parametrize("bwd", [{"TB": 16, "SUB": 8, "SEG": 1}, {"TB": 8, "SUB": 8, "SEG": 3}, {"TB": 6, "SUB": 4, "SEG": 2},
                                  {"TB": 16, "SUB": 5, "SEG": 2, "BLOCK_D": 2}])
