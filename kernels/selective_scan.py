@@ -589,9 +589,9 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
     y_t += C_t·h_t; for LB then the window's walk back, y_t += C_t·r_t. row_b, row_c point at the
     block's first B and C row. Returns h and y.
     SUMS_AFTER: the per-position sums are kept as a tuple of (channels,) vectors and go into y once,
-    after both walks (`_place`). Measured faster where a channel's positions are split over lanes (TB
-    16: LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10); with TB <= 8 a thread holds all of
-    a channel's positions and each sum is one register add either way."""
+    after both walks (`_place`). Measured faster with blocks of 16, where a channel's positions are
+    split over two lanes (LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10). Blocks of
+    4 and 8 keep the other form: SUMS_AFTER compiled to more spills or registers there (not timed)."""
     kept = ()
     ys = ()
     n_idx = tl.arange(0, N)
