@@ -38,6 +38,8 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -525,6 +527,52 @@ def _pick(tile, t_idx, t: tl.constexpr):
     return tl.sum(tl.where(t_idx[None, :] == t, tile, -0.0), axis=1)
 
 
+# Lane shuffles written in PTX, for the sequential backward on a GPU. They assume the layout Triton
+# gives that kernel's (8 channels, 16) tiles at its defaults (one warp, BLOCK_D 8, TB 16, VEC 4,
+# state 16): sizePerThread [1, 4], threadsPerWarp [8, 4], so lane = 4·channel + column/4 and a thread
+# holds 4 consecutive columns (`BWD_SHFL_LAYOUT`). Triton picks layouts from the loads' alignment, so
+# `_bwd_seq` reads the layout of every shuffle in the compiled kernel before its first launch and falls
+# back to the `tl` path where it is not that one (`_shuffle_layouts_ok`). The interpreter (no inline
+# assembly) runs the same logic through `tl.sum` and `tl.gather`; the GPU tests compare the two.
+# Column t of a (channels, 16) tile broadcast along the row: one `shfl.idx` from the lane holding it,
+# among the channel's 4 lanes (segment mask ((32 - 4) << 8) | 0x1f).
+_PICK_PTX = tl.constexpr(tuple(
+    "{ .reg .b32 v; shfl.sync.idx.b32 v, $%d, %d, 0x1c1f, -1; mov.b32 $0, v; mov.b32 $1, v; mov.b32 $2, v; mov.b32 $3, v; }"
+    % (4 + t % 4, t // 4) for t in range(16)))
+# Row c of a (8 channels, state) tile from row c ^ 2^k: the lane 4·2^k away.
+_SWAP_PTX = tl.constexpr(tuple("shfl.sync.bfly.b32 $0, $1, %d, 0x1f, -1;" % (4 << k) for k in range(3)))
+
+
+@triton.jit
+def _pick_row(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
+    """Column t of a (channels, TB) tile, broadcast over the row: with SHFL a (channels, TB) tile
+    (TB = state there), else a (channels, 1) column."""
+    if SHFL:
+        return tl.inline_asm_elementwise(_PICK_PTX[t], "=r,=r,=r,=r,r,r,r,r", [tile], dtype=tl.float32,
+                                         is_pure=True, pack=4)
+    else:
+        return _pick(tile, t_idx, t)[:, None]
+
+
+@triton.jit
+def _swap_rows(x, c_idx, k: tl.constexpr, SHFL: tl.constexpr):
+    """x with row c replaced by row c ^ 2^k."""
+    if SHFL:
+        return tl.inline_asm_elementwise(_SWAP_PTX[k], "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.gather(x, tl.broadcast_to((c_idx ^ (1 << k))[:, None], x.shape), axis=0)
+
+
+@triton.jit
+def _fold(hi, lo, c_idx, k: tl.constexpr, SHFL: tl.constexpr):
+    """One step of a reduce-scatter over the channels: rows with bit k of c set keep `hi` summed
+    over c and c ^ 2^k, the others `lo`. Three steps turn 8 (channels, state) tiles, one per position,
+    into one whose row c is position c's sum over the 8 channels: 7 shuffles per value and lane
+    against the 24 of `tl.sum`'s all-reduce of each tile."""
+    up = ((c_idx >> k) & 1)[:, None] == 1
+    return tl.where(up, hi, lo) + _swap_rows(tl.where(up, lo, hi), c_idx, k, SHFL)
+
+
 @triton.jit
 def _seq_program(A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An,
                  N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr, SEG0: tl.constexpr):
@@ -812,12 +860,14 @@ def _bwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
     SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr, PREFETCH_L1: tl.constexpr, PF: tl.constexpr,
+    SCATTER: tl.constexpr, SHFL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
     NSUB: tl.constexpr = (STEP + SUB - 1) // SUB
     r_idx = tl.arange(0, SUBP)
+    c_idx = tl.arange(0, BLOCK_D)  # the tile's channels, for the reduce-scatter of dB and dC
     row = offs_d[:, None]
     Dv, dA_acc, dD_acc, dbias_acc = _channel_accumulators(D_ptr, offs_d, mask_d, N, BLOCK_D, HAS_D)
     # ρ = a_{t+1} λ_{t+1} entering the segment's last position
@@ -861,10 +911,10 @@ def _bwd_seq_kernel(
                 row_b = base_b + pw.to(tl.int64) * N
                 row_c = base_c + pw.to(tl.int64) * N
                 for t in tl.static_range(SUB):
-                    a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
-                    h = a * h + _pick(dtu, t_idx, t)[:, None] * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                    a = tl.exp2(_pick_row(dt, t_idx, t, SHFL) * A2)
+                    h = a * h + _pick_row(dtu, t_idx, t, SHFL) * tl.load(row_b + t * N).to(tl.float32)[None, :]
                     if WINDOW > 0:
-                        mu = _pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                        mu = _pick_row(dy, t_idx, t, SHFL) * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
                         a_prev = a
             # the sub-block itself: walk forward keeping h_t (and μ_t), then back
             dt, _, u, dy, _, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, ps, t_idx, offs_d, mask_d, blk_end, b,
@@ -876,25 +926,30 @@ def _bwd_seq_kernel(
             hist = ()
             mus = ()
             for t in tl.static_range(SUB):
-                a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
-                h = a * h + _pick(dtu, t_idx, t)[:, None] * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                a = tl.exp2(_pick_row(dt, t_idx, t, SHFL) * A2)
+                h = a * h + _pick_row(dtu, t_idx, t, SHFL) * tl.load(row_b + t * N).to(tl.float32)[None, :]
                 hist = hist + (h,)
                 if WINDOW > 0:
-                    mu = _pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                    mu = _pick_row(dy, t_idx, t, SHFL) * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
                     mus = mus + (mu,)
                     a_prev = a
             sb_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)  # Σ_n dbx·B per position
             sq_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)  # Σ_n q·A2
             y_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)   # Σ_n C·H (the output before D and the gate)
-            dB_rows = tl.zeros((SUBP, N), dtype=tl.float32)
-            dC_rows = tl.zeros((SUBP, N), dtype=tl.float32)
+            if SCATTER:
+                # partial sums of the reduce-scatter (`_fold`), waiting for their pair: positions 2m+1,
+                # then pairs 2m'+1, then the upper four; zero where a pair's upper half is past SUB
+                pb1 = tl.zeros((BLOCK_D, N), dtype=tl.float32)
+                pb2, pb3, pc1, pc2, pc3, dB_rows, dC_rows = pb1, pb1, pb1, pb1, pb1, pb1, pb1
+            else:
+                dB_rows = tl.zeros((SUBP, N), dtype=tl.float32)
+                dC_rows = tl.zeros((SUBP, N), dtype=tl.float32)
             for k in tl.static_range(SUB):
-                t = SUB - 1 - k
-                dt_c = _pick(dt, t_idx, t)[:, None]
-                dtu_c = _pick(dtu, t_idx, t)[:, None]
-                dy_c = _pick(dy, t_idx, t)[:, None]
-                Bt = tl.load(row_b + t * N).to(tl.float32)[None, :]
-                Ct = tl.load(row_c + t * N).to(tl.float32)[None, :]
+                dt_c = _pick_row(dt, t_idx, (SUB - 1 - k), SHFL)
+                dtu_c = _pick_row(dtu, t_idx, (SUB - 1 - k), SHFL)
+                dy_c = _pick_row(dy, t_idx, (SUB - 1 - k), SHFL)
+                Bt = tl.load(row_b + (SUB - 1 - k) * N).to(tl.float32)[None, :]
+                Ct = tl.load(row_c + (SUB - 1 - k) * N).to(tl.float32)[None, :]
                 dH = dy_c * Ct
                 lam = dH + rho
                 a = tl.exp2(dt_c * A2)
@@ -918,14 +973,34 @@ def _bwd_seq_kernel(
                     q = lam * ah
                     Hf = ht
                 dA_acc += q * dt_c
-                sel = t_idx[None, :] == t
+                sel = t_idx[None, :] == (SUB - 1 - k)
                 sb_t = tl.where(sel, tl.sum(dbx * Bt, axis=1)[:, None], sb_t)
                 sq_t = tl.where(sel, tl.sum(q * A2, axis=1)[:, None], sq_t)
                 if HAS_Z:
                     y_t = tl.where(sel, tl.sum(Hf * Ct, axis=1)[:, None], y_t)
-                rsel = r_idx[:, None] == t
-                dB_rows = tl.where(rsel, tl.sum(dbx * dtu_c, axis=0)[None, :], dB_rows)
-                dC_rows = tl.where(rsel, tl.sum(dy_c * Hf, axis=0)[None, :], dC_rows)
+                if SCATTER:
+                    xb = dbx * dtu_c
+                    xc = dy_c * Hf
+                    if (SUB - 1 - k) % 2 == 1:
+                        pb1, pc1 = xb, xc
+                    else:
+                        xb = _fold(pb1, xb, c_idx, 0, SHFL)
+                        xc = _fold(pc1, xc, c_idx, 0, SHFL)
+                        if ((SUB - 1 - k) // 2) % 2 == 1:
+                            pb2, pc2 = xb, xc
+                        else:
+                            xb = _fold(pb2, xb, c_idx, 1, SHFL)
+                            xc = _fold(pc2, xc, c_idx, 1, SHFL)
+                            if (SUB - 1 - k) == 4:
+                                pb3, pc3 = xb, xc
+                            else:
+                                # position 0: row c holds position c's sums over the tile's channels
+                                dB_rows = _fold(pb3, xb, c_idx, 2, SHFL)
+                                dC_rows = _fold(pc3, xc, c_idx, 2, SHFL)
+                else:
+                    rsel = r_idx[:, None] == (SUB - 1 - k)
+                    dB_rows = tl.where(rsel, tl.sum(dbx * dtu_c, axis=0)[None, :], dB_rows)
+                    dC_rows = tl.where(rsel, tl.sum(dy_c * Hf, axis=0)[None, :], dC_rows)
             # the sub-block's outputs; u, Δ before softplus and the gate are read again after the first
             # store (the compiler cannot keep them across it), so they hold no registers during the walks
             pos = ps + t_idx
@@ -949,8 +1024,12 @@ def _bwd_seq_kernel(
                     y_t += Dv[:, None] * u
                 tl.store(dz_ptr + b * s_dzb + row * s_dzd + pos[None, :], (y_t * G).to(dz_ptr.dtype.element_ty), mask=mask)
             # the sub-block's rows of dB and dC (summed over the tile's channels), one add per element
-            rpos = ps + r_idx
-            rmask = ((r_idx < SUB) & (rpos < blk_end))[:, None]
+            if SCATTER:
+                rpos = ps + c_idx
+                rmask = ((c_idx < SUB) & (rpos < blk_end))[:, None]
+            else:
+                rpos = ps + r_idx
+                rmask = ((r_idx < SUB) & (rpos < blk_end))[:, None]
             roff = rpos.to(tl.int64)[:, None] * N + n_idx[None, :]
             tl.atomic_add(dBt_ptr + b * s_Bb + g * s_Bg + roff, dB_rows, mask=rmask, sem="relaxed")
             tl.atomic_add(dCt_ptr + b * s_Cb + g * s_Cg + roff, dC_rows, mask=rmask, sem="relaxed")
@@ -1161,7 +1240,17 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     lanes = tb // (vec or 8)
     block_d = int(override.get("BLOCK_D", 32 * num_warps // lanes))
     block_d = _fit_channels(block_d, dim, groups)
+    # the picks of a position's Δ, Δu, dy and the lane swaps below in PTX shuffles (`_pick_row`,
+    # `_swap_rows`): only for the tile layout they were written for, and not in the interpreter
+    shfl = (bool(override.get("SHFL", True)) and not _interpreting() and block_d == 8 and Np == 16 and tb == 16
+            and vec == 4 and num_warps == 1 and sub <= 8)
+    # dB and dC summed over the tile's 8 channels by a reduce-scatter over a sub-block's (at most 8)
+    # positions (`_fold`) instead of a `tl.sum` per position. Compiled, only with the PTX swaps: through
+    # `tl.gather` it goes via shared memory and is slower (9.3 against 6.2 ms, kernels/NOTES.md); in the
+    # interpreter, where that does not matter, with `tl.gather`, so that its logic is tested on the CPU
+    scatter = bool(override.get("SCATTER", True)) and block_d == 8 and sub <= 8 and (shfl or _interpreting())
     return dict(BLOCK_D=block_d, STEP=step, SUB=sub, TB=tb, VEC=vec, num_warps=num_warps, SEG=override.get("SEG"),
+                SCATTER=scatter, SHFL=shfl,
                 maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)),
                 # the block walked next asked into L1 a block ahead (inline PTX: not in the interpreter)
                 PREFETCH_L1=bool(override.get("PREFETCH_L1", True)) and not _interpreting())
@@ -1209,6 +1298,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
     scan_cfg = _config(dim, groups, N, window, backward=False, override=cfg)
     chunk = save_every or scan_cfg["STEP"]
+    Np = triton.next_power_of_2(N)
     sc = _seq_config(dim, groups, window, chunk, seq_override)
     bd, nw = sc["BLOCK_D"], sc["num_warps"]
     n_chunks = triton.cdiv(L, chunk)
@@ -1219,7 +1309,6 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         cps, _ = _segments(n_chunks, d_tiles * batch, nw, u.device, None, warps_per_sm=SEQ_WARPS_PER_SM)
     n_seg = triton.cdiv(n_chunks, cps)
     seg_len = cps * chunk
-    Np = triton.next_power_of_2(N)
     A, B4, C4 = _pad_state(A, B4, C4, Np)
     # (batch, groups, length + TB, state): one row per position, TB zero rows so blocks read unmasked
     pad_rows = (0, 0, 0, sc["TB"])
@@ -1355,6 +1444,30 @@ def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_
     return du, ddt, dA[:, :N], dB[:, :, :N], dC[:, :, :N], dD, dz, dbias
 
 
+# The layout `_PICK_PTX` and `_SWAP_PTX` were written for, as Triton prints it in the TTGIR
+BWD_SHFL_LAYOUT = "sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [1, 1], order = [1, 0]"
+# Per specialization of the sequential backward with SHFL: whether its shuffles got that layout
+_SHUFFLES_CHECKED: dict = {}
+
+
+def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT) -> bool:
+    """Whether a compiled kernel has PTX shuffles and every one of them works on tensors of `layout`
+    (Triton chooses layouts from the loads' alignment: a row stride not a multiple of 16 elements, say,
+    gives another one, where the shuffles would read the wrong lanes)."""
+    blocked = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", ttgir, re.M))
+    shuffles = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line and "shfl.sync" in line]
+    return bool(shuffles) and all(
+        blocked.get(alias) == layout for line in shuffles for alias in re.findall(r"tensor<[0-9x]+xf32, (#\w+)>", line))
+
+
+def _specialization(args: tuple, consts: dict) -> tuple:
+    """What Triton specializes a launch on, or finer: dtypes and 16-byte alignment of tensors, integers
+    equal to 1 or multiples of 16, and the compile-time constants."""
+    key = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0, a >= 2**31)
+                for a in args)
+    return key + tuple(sorted(consts.items()))
+
+
 def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc):
     """Launch the sequential backward; `sc` is its config, whose blocks index the saved states `hs`."""
     batch, dim, L = u.shape
@@ -1388,7 +1501,7 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
             dout.stride(0), dout.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
             N=Np, BLOCK_D=bd, TB=triton.next_power_of_2(step), STEP=step, **flags, num_warps=nw,
         )
-    kern = _bwd_seq_kernel[(d_tiles, batch, n_seg)](
+    args = (
         u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, dout, hs, sk, sj,
         du, ddt, dA, dBt, dCt, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA,
         L, dim, dim // groups, seg_len, n_seg,
@@ -1396,10 +1509,23 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
         du.stride(0), du.stride(1), ddt.stride(0), ddt.stride(1), dzz.stride(0), dzz.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
+    )
+    consts = dict(
         N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=max(2, triton.next_power_of_2(sc["SUB"])),  # a 1-row tile trips the interpreter
         WINDOW=int(window or 0), VEC=sc["VEC"], PREFETCH_L1=sc["PREFETCH_L1"], PF=triton.next_power_of_2(step),
-        HAS_D=D is not None, **flags, num_warps=nw, **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
+        SCATTER=sc["SCATTER"], SHFL=sc["SHFL"], HAS_D=D is not None, **flags, num_warps=nw,
+        **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
+    grid = (d_tiles, batch, n_seg)
+    if consts["SHFL"]:
+        # compile without launching and read the shuffles' layout, once per specialization; where it is not
+        # the one they were written for, the `tl` path (the reduce-scatter needs the shuffles)
+        key = _specialization(args, consts)
+        if key not in _SHUFFLES_CHECKED:
+            _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(_bwd_seq_kernel.warmup(*args, grid=grid, **consts).asm["ttgir"])
+        if not _SHUFFLES_CHECKED[key]:
+            consts.update(SHFL=False, SCATTER=False)
+    kern = _bwd_seq_kernel[grid](*args, **consts)
     _note_kernel("bwd_seq", kern)
     dB = dBt[:, :, :L].transpose(2, 3)
     dC = dCt[:, :, :L].transpose(2, 3)

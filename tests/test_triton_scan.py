@@ -285,6 +285,22 @@ def test_sequential_forward_adds_position_sums_during_or_after_the_walks(directi
     assert _rel(out, expected) < 1e-5, _SEEDS
 
 
+@pytest.mark.parametrize("direction,window,sub", [("forward", None, 8), ("forward", None, 5), ("local_bidirectional", 16, 8),
+                                                  ("local_bidirectional", 5, 5), ("local_bidirectional", 3, 3)])
+@pytest.mark.parametrize("scatter", [True, False])
+def test_sequential_backward_sums_dB_dC_over_channels_by_reduce_scatter_or_tl_sum(direction, window, sub, scatter,
+                                                                                 monkeypatch):
+    """dB and dC summed over the tile's 8 channels either by `tl.sum` per position or by the
+    reduce-scatter over a sub-block's positions (`_fold`; in the interpreter its lane swaps are
+    `tl.gather`s): both give the reference's gradients, with sub-blocks of 8 positions and of fewer
+    (the reduce-scatter's missing positions are zeros), and 13 channels (the second tile is part empty)."""
+    bwd = {"SUB": sub, "SEG": 2, "SCATTER": scatter}
+    assert ks._bwd_seq_config(13, 1, 8, window, bwd)["SCATTER"] is scatter  # the path under test is the one taken
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd})
+    args = _inputs(2, 13, 45, 8)
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+
+
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4), ("local_bidirectional", 16)])
 @pytest.mark.parametrize("bwd", [{"TB": 16, "SUB": 8, "SEG": 1}, {"TB": 8, "SUB": 8, "SEG": 3}, {"TB": 6, "SUB": 4, "SEG": 2},
                                  {"TB": 16, "SUB": 5, "SEG": 2, "BLOCK_D": 2}])
@@ -386,6 +402,56 @@ def test_gpu_softplus_is_accurate_to_a_few_ulp():
     assert threshold_exact
 
 
+_COMPILE_BWD_SEQ = """
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wsimamba.kernels import selective_scan as ks
+
+def ttgir(shfl):
+    # the GPU defaults: bf16 inputs, state 16, LB window 16; pointers, lengths and row strides multiples of 16
+    fn = ks._bwd_seq_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    consts = dict(N=16, BLOCK_D=8, TB=16, STEP=16, SUB=8, SUBP=8, WINDOW=16, VEC=4, PREFETCH_L1=True, PF=16,
+                  SCATTER=shfl, SHFL=shfl, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+    bf16 = {"u_ptr", "dt_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
+    sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
+        p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
+
+with_shfl = ttgir(True)
+json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWarp = [8, 4]" in with_shfl,
+           "other_layout_ok": ks._shuffle_layouts_ok(with_shfl.replace("threadsPerWarp = [8, 4]", "threadsPerWarp = [16, 2]")),
+           "no_shuffles_ok": ks._shuffle_layouts_ok(ttgir(False))}, sys.stdout)
+"""
+
+
+def test_shuffle_layout_check_reads_the_compiled_kernel():
+    """The backward's PTX shuffles run only where the compiled kernel's TTGIR shows the layout they
+    were written for (`_shuffle_layouts_ok`, read before the first launch of each specialization).
+    Compiled for sm_90 here (no GPU needed; outside the interpreter, so in a subprocess): at the GPU
+    defaults this Triton gives that layout; another layout, or no shuffles, is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_BWD_SEQ], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False}, seen
+    # what the check is keyed on: a launch whose rows are not 16-byte aligned is another specialization
+    x, y = torch.zeros(32), torch.zeros(33)
+    consts = {"SHFL": True}
+    assert ks._specialization((x, 16), consts) != ks._specialization((x, 17), consts)
+    assert ks._specialization((x, 16), consts) != ks._specialization((y[1:], 16), consts)
+
+
 # ----------------------------------------------------------------------------------------------
 # full sizes, compiled, on the GPU
 
@@ -416,6 +482,28 @@ def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
         assert torch.equal(g_on[k], g_off[k]), k
     for k in ("A", "B", "C", "D", "delta_bias"):
         assert _rel(g_on[k], g_off[k]) < 1e-6, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 5), ("local_bidirectional", 8),
+                                              ("local_bidirectional", 16)])
+def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, monkeypatch):
+    # the backward's picks and dB/dC reduce-scatter in PTX shuffles (which assume Triton's tile layout:
+    # a wrong lane gives errors of order 1) against the same kernel with `tl.sum` only, to rounding
+    # (not bit for bit: dB and dC are summed in another order, and ptxas fuses multiplies and adds
+    # differently in the two builds)
+    args = _inputs(2, 96, 3001, 16, device="cuda")
+    results = []
+    for fast in (True, False):
+        bwd = {"SHFL": fast, "SCATTER": fast, "SEG": 5}
+        sc = ks._bwd_seq_config(96, 1, 16, window, bwd)
+        assert sc["SHFL"] is fast and sc["SCATTER"] is fast
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd})
+        results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
+                            window=window))
+    (_, g_fast), (_, g_tl) = results
+    for k in g_tl:
+        assert _rel(g_fast[k], g_tl[k]) < 1e-6, k
 
 
 @pytest.mark.gpu
