@@ -21,6 +21,11 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   and C are read by every channel tile and come from L2, and the compiler places the loads only a few
   dozen instructions before their use. A hint with no effect on results; off in the interpreter, which
   has no inline assembly.
+- At its GPU defaults (state 16) the sequential backward picks a position's Δ, Δu, dy out of its tiles
+  with one PTX `shfl.idx`, and sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
+  shuffles over a sub-block's positions (`_pick_row`, `_fold`). They assume the tile layout Triton
+  chose when they were written; `_bwd_seq` reads the compiled kernel's layout before the first launch
+  of each specialization and uses the `tl` form where it differs.
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
@@ -777,8 +782,8 @@ def _fwd_seq_kernel(
 #   after, and into the segment's last block from the summaries of the segments after it), for LB
 #   r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
 # Two exponentials per element-state (2.5 with two sub-blocks per block), no scans. The sums over
-# states (dΔ, du, y for dz) and over the tile's channels (dB, dC) are `tl.sum`s of the (BLOCK_D,
-# state) tile; B_t and C_t are read as rows of transposed copies, and dB, dC are added into
+# states (dΔ, du, y for dz) are `tl.sum`s of the (BLOCK_D, state) tile; those over the tile's channels
+# (dB, dC) a reduce-scatter over the sub-block's positions (`_fold`; `tl.sum`s where SCATTER is off); B_t and C_t are read as rows of transposed copies, and dB, dC are added into
 # transposed (batch, groups, length, state) buffers, one (SUB, state) tile per sub-block and program.
 #
 # The summary kernel gives each segment s > 0 its effect on the carry that leaves it to the left,
@@ -1298,7 +1303,6 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         raise TritonScanError(f"dim {dim} is not a multiple of groups {groups}")
     scan_cfg = _config(dim, groups, N, window, backward=False, override=cfg)
     chunk = save_every or scan_cfg["STEP"]
-    Np = triton.next_power_of_2(N)
     sc = _seq_config(dim, groups, window, chunk, seq_override)
     bd, nw = sc["BLOCK_D"], sc["num_warps"]
     n_chunks = triton.cdiv(L, chunk)
@@ -1309,6 +1313,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         cps, _ = _segments(n_chunks, d_tiles * batch, nw, u.device, None, warps_per_sm=SEQ_WARPS_PER_SM)
     n_seg = triton.cdiv(n_chunks, cps)
     seg_len = cps * chunk
+    Np = triton.next_power_of_2(N)
     A, B4, C4 = _pad_state(A, B4, C4, Np)
     # (batch, groups, length + TB, state): one row per position, TB zero rows so blocks read unmasked
     pad_rows = (0, 0, 0, sc["TB"])
