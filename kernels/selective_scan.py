@@ -783,8 +783,9 @@ def _fwd_seq_kernel(
 #   r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
 # Two exponentials per element-state (2.5 with two sub-blocks per block), no scans. The sums over
 # states (dΔ, du, y for dz) are `tl.sum`s of the (BLOCK_D, state) tile; those over the tile's channels
-# (dB, dC) a reduce-scatter over the sub-block's positions (`_fold`; `tl.sum`s where SCATTER is off); B_t and C_t are read as rows of transposed copies, and dB, dC are added into
-# transposed (batch, groups, length, state) buffers, one (SUB, state) tile per sub-block and program.
+# (dB, dC) a reduce-scatter over the sub-block's positions (`_fold`; `tl.sum`s where SCATTER is off).
+# B_t and C_t are read as rows of transposed copies, and dB, dC are added into transposed
+# (batch, groups, length, state) buffers, one (SUB, state) tile per sub-block and program.
 #
 # The summary kernel gives each segment s > 0 its effect on the carry that leaves it to the left,
 # ρ_out = K·ρ_in + J with K = Π_t a_t and J = Σ_t (Π_{k≤t} a_k) dH_t over the segment, walking it
@@ -950,9 +951,9 @@ def _bwd_seq_kernel(
                 dB_rows = tl.zeros((SUBP, N), dtype=tl.float32)
                 dC_rows = tl.zeros((SUBP, N), dtype=tl.float32)
             for k in tl.static_range(SUB):
-                dt_c = _pick_row(dt, t_idx, (SUB - 1 - k), SHFL)
-                dtu_c = _pick_row(dtu, t_idx, (SUB - 1 - k), SHFL)
-                dy_c = _pick_row(dy, t_idx, (SUB - 1 - k), SHFL)
+                dt_c = _pick_row(dt, t_idx, SUB - 1 - k, SHFL)
+                dtu_c = _pick_row(dtu, t_idx, SUB - 1 - k, SHFL)
+                dy_c = _pick_row(dy, t_idx, SUB - 1 - k, SHFL)
                 Bt = tl.load(row_b + (SUB - 1 - k) * N).to(tl.float32)[None, :]
                 Ct = tl.load(row_c + (SUB - 1 - k) * N).to(tl.float32)[None, :]
                 dH = dy_c * Ct
@@ -978,7 +979,7 @@ def _bwd_seq_kernel(
                     q = lam * ah
                     Hf = ht
                 dA_acc += q * dt_c
-                sel = t_idx[None, :] == (SUB - 1 - k)
+                sel = t_idx[None, :] == SUB - 1 - k
                 sb_t = tl.where(sel, tl.sum(dbx * Bt, axis=1)[:, None], sb_t)
                 sq_t = tl.where(sel, tl.sum(q * A2, axis=1)[:, None], sq_t)
                 if HAS_Z:
@@ -996,14 +997,14 @@ def _bwd_seq_kernel(
                         else:
                             xb = _fold(pb2, xb, c_idx, 1, SHFL)
                             xc = _fold(pc2, xc, c_idx, 1, SHFL)
-                            if (SUB - 1 - k) == 4:
+                            if SUB - 1 - k == 4:
                                 pb3, pc3 = xb, xc
                             else:
                                 # position 0: row c holds position c's sums over the tile's channels
                                 dB_rows = _fold(pb3, xb, c_idx, 2, SHFL)
                                 dC_rows = _fold(pc3, xc, c_idx, 2, SHFL)
                 else:
-                    rsel = r_idx[:, None] == (SUB - 1 - k)
+                    rsel = r_idx[:, None] == SUB - 1 - k
                     dB_rows = tl.where(rsel, tl.sum(dbx * dtu_c, axis=0)[None, :], dB_rows)
                     dC_rows = tl.where(rsel, tl.sum(dy_c * Hf, axis=0)[None, :], dC_rows)
             # the sub-block's outputs; u, Δ before softplus and the gate are read again after the first
