@@ -548,6 +548,48 @@ _PICK_PTX = tl.constexpr(tuple(
 _SWAP_PTX = tl.constexpr(tuple("shfl.sync.bfly.b32 $0, $1, %d, 0x1f, -1;" % (4 << k) for k in range(3)))
 
 
+
+
+def _state_sum_ptx(j: int, settle: bool) -> str:
+    """PTX for `_state_sum`: the sum over a lane's 4 states of x·y ($4-$7 times $8-$11) goes into
+    register j of the position tile s ($12-$15). With `settle` (w, $16, nonzero in the lanes whose
+    columns are 4-7), the value then waiting in register j is the sum of position j + 4, and the lane
+    pairs (4c, 4c+1) and (4c+2, 4c+3) swap halves: lanes of columns 0-3 keep position j, 4-7 position
+    j + 4, and each sends the other. Then pairs two lanes apart add: columns j and j + 4 hold the sums
+    over all 16 states (the columns 8-15 get copies, unused)."""
+    body = "mul.rn.f32 s, $4, $8; fma.rn.f32 s, $5, $9, s; fma.rn.f32 s, $6, $10, s; fma.rn.f32 s, $7, $11, s; "
+    if settle:
+        body += ("setp.ne.b32 p, $16, 0; selp.f32 k, $%d, s, p; selp.f32 o, s, $%d, p; "
+                 "shfl.sync.bfly.b32 r, o, 1, 0x1f, -1; add.rn.f32 k, k, r; "
+                 "shfl.sync.bfly.b32 r, k, 2, 0x1f, -1; add.rn.f32 s, k, r; ") % (12 + j, 12 + j)
+    outs = " ".join("mov.b32 $%d, %s;" % (i, "s" if i == j else "$%d" % (12 + i)) for i in range(4))
+    return "{ .reg .f32 s, k, o, r; .reg .pred p; " + body + outs + " }"
+
+
+_HOLD_PTX = tl.constexpr(tuple(_state_sum_ptx(j, False) for j in range(4)))
+_SETTLE_PTX = tl.constexpr(tuple(_state_sum_ptx(j, True) for j in range(4)))
+
+
+@triton.jit
+def _state_sum(x, y, s, w, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
+    """s, a (channels, TB) tile, with column t set to Σ_state x·y of each row. x, y: (channels, state)
+    tiles (or broadcastable to them). With SHFL (state = TB = 16, sub-blocks of at most 8 positions,
+    filled from the last: t = 7, 6, ..., 0), positions 4-7 only park their lane's partial sum in the
+    register of column t - 4; position t - 4 then finishes both with two shuffles (`_state_sum_ptx`):
+    3 instructions per sum and position after the lane's own 4 states, against `tl.sum`'s 4-5.
+    w: t_idx & 4 broadcast over the tile (which lanes hold columns 4-7)."""
+    if SHFL:
+        if t >= 4:
+            return tl.inline_asm_elementwise(_HOLD_PTX[t - 4], "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                             [x, tl.broadcast_to(y, s.shape), s], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_SETTLE_PTX[t], "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                             [x, tl.broadcast_to(y, s.shape), s, w], dtype=tl.float32, is_pure=True,
+                                             pack=4)
+    else:
+        return tl.where(t_idx[None, :] == t, tl.sum(x * y, axis=1)[:, None], s)
+
+
 @triton.jit
 def _pick_row(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
     """Column t of a (channels, TB) tile, broadcast over the row: with SHFL a (channels, TB) tile
@@ -874,6 +916,7 @@ def _bwd_seq_kernel(
     NSUB: tl.constexpr = (STEP + SUB - 1) // SUB
     r_idx = tl.arange(0, SUBP)
     c_idx = tl.arange(0, BLOCK_D)  # the tile's channels, for the reduce-scatter of dB and dC
+    lanes_hi = tl.broadcast_to((t_idx & 4)[None, :], (BLOCK_D, TB))  # for `_state_sum`
     row = offs_d[:, None]
     Dv, dA_acc, dD_acc, dbias_acc = _channel_accumulators(D_ptr, offs_d, mask_d, N, BLOCK_D, HAS_D)
     # ρ = a_{t+1} λ_{t+1} entering the segment's last position
@@ -959,31 +1002,31 @@ def _bwd_seq_kernel(
                 dH = dy_c * Ct
                 lam = dH + rho
                 a = tl.exp2(dt_c * A2)
+                rho_in = rho
                 rho = a * lam
-                bx = dtu_c * Bt
                 ht = hist[SUB - 1 - k]
-                # a_t h_{t-1} from the kept states, not h_t - b_t: that difference cancels when a_t is tiny
+                # q = λ_t a_t h_{t-1} = ρ_{t-1} h_{t-1} from the kept states, not λ_t (h_t - b_t): that
+                # difference cancels when a_t is tiny
                 if k < SUB - 1:
-                    ah = a * hist[SUB - 2 - k]
+                    h_prev = hist[SUB - 2 - k]
                 else:
-                    ah = a * h_in
+                    h_prev = h_in
                 if WINDOW > 0:
                     r = a * (r + b_next)  # 0 at the window's end: r and b_next start at 0 in every block
-                    b_next = bx
+                    b_next = dtu_c * Bt
                     mu = mus[SUB - 1 - k]
-                    dbx = lam + mu - dH
-                    q = lam * ah + mu * r
+                    dbx = rho_in + mu  # λ_t + μ_t - dH_t
+                    q = rho * h_prev + mu * r
                     Hf = ht + r
                 else:
                     dbx = lam
-                    q = lam * ah
+                    q = rho * h_prev
                     Hf = ht
                 dA_acc += q * dt_c
-                sel = t_idx[None, :] == SUB - 1 - k
-                sb_t = tl.where(sel, tl.sum(dbx * Bt, axis=1)[:, None], sb_t)
-                sq_t = tl.where(sel, tl.sum(q * A2, axis=1)[:, None], sq_t)
+                sb_t = _state_sum(dbx, Bt, sb_t, lanes_hi, t_idx, SUB - 1 - k, SHFL)
+                sq_t = _state_sum(q, A2, sq_t, lanes_hi, t_idx, SUB - 1 - k, SHFL)
                 if HAS_Z:
-                    y_t = tl.where(sel, tl.sum(Hf * Ct, axis=1)[:, None], y_t)
+                    y_t = _state_sum(Hf, Ct, y_t, lanes_hi, t_idx, SUB - 1 - k, SHFL)
                 if SCATTER:
                     xb = dbx * dtu_c
                     xc = dy_c * Hf
@@ -1463,7 +1506,7 @@ def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT) -> bool:
     blocked = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", ttgir, re.M))
     shuffles = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line and "shfl.sync" in line]
     return bool(shuffles) and all(
-        blocked.get(alias) == layout for line in shuffles for alias in re.findall(r"tensor<[0-9x]+xf32, (#\w+)>", line))
+        blocked.get(alias) == layout for line in shuffles for alias in re.findall(r"tensor<[0-9x]+x[fi]32, (#\w+)>", line))
 
 
 def _specialization(args: tuple, consts: dict) -> tuple:
