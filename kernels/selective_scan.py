@@ -620,6 +620,27 @@ def _fold(hi, lo, c_idx, k: tl.constexpr, SHFL: tl.constexpr):
     return tl.where(up, hi, lo) + _swap_rows(tl.where(up, lo, hi), c_idx, k, SHFL)
 
 
+# The sequential forward's tiles at its GPU defaults (one warp, BLOCK_D 16, TB 16, state 16, 16-bit
+# inputs in rows aligned to 16 bytes) have sizePerThread [1, 8], threadsPerWarp [16, 2] (`FWD_SHFL_LAYOUT`):
+# lane = 2·channel + column/8, and a thread holds 8 consecutive columns (positions, or states in a state
+# tile). fp32 inputs or unaligned rows give another layout; `_fwd_seq` checks it like the backward's.
+# Column t of a (channels, 16) tile broadcast along the row: one `shfl.idx` between a channel's 2 lanes.
+_PICK8_PTX = tl.constexpr(tuple(
+    "{ .reg .b32 v; shfl.sync.idx.b32 v, $%d, %d, 0x1e1f, -1; " % (8 + t % 8, t // 8)
+    + " ".join("mov.b32 $%d, v;" % i for i in range(8)) + " }" for t in range(16)))
+
+
+@triton.jit
+def _pick_col(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
+    """Column t of a (channels, TB) tile: with SHFL (the forward's layout) a (channels, 16) tile with
+    constant rows, else a (channels, 1) column."""
+    if SHFL:
+        return tl.inline_asm_elementwise(_PICK8_PTX[t], "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [tile],
+                                         dtype=tl.float32, is_pure=True, pack=8)
+    else:
+        return _pick(tile, t_idx, t)[:, None]
+
+
 @triton.jit
 def _seq_program(A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An,
                  N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, HAS_BIAS: tl.constexpr, SEG0: tl.constexpr):
@@ -679,14 +700,16 @@ def _place(y, ys, t_idx, STEP: tl.constexpr):
 
 @triton.jit
 def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
-                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr):
+                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr):
     """One block of the sequential forward: the walk forward, h_t = a_t h_{t-1} + Δ_t u_t B_t and
     y_t += C_t·h_t; for LB then the window's walk back, y_t += C_t·r_t. row_b, row_c point at the
     block's first B and C row. Returns h and y.
     SUMS_AFTER: the per-position sums are kept as a tuple of (channels,) vectors and go into y once,
     after both walks (`_place`). Measured faster with blocks of 16, where a channel's positions are
     split over two lanes (LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10). Blocks of
-    4 and 8 keep the other form: SUMS_AFTER compiled to more spills or registers there (not timed)."""
+    4 and 8 keep the other form: SUMS_AFTER compiled to more spills or registers there (not timed).
+    SHFL_PICK (16 positions, state 16, the layout `FWD_SHFL_LAYOUT`): picks by one PTX shuffle
+    (`_pick_col`)."""
     kept = ()
     ys = ()
     n_idx = tl.arange(0, N)
@@ -704,8 +727,8 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
         else:
             Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)
             Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)
-        a = tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
-        h = a * h + _pick(dtu, t_idx, t)[:, None] * Bt[None, :]
+        a = tl.exp2(_pick_col(dt, t_idx, t, SHFL_PICK) * A2)
+        h = a * h + _pick_col(dtu, t_idx, t, SHFL_PICK) * Bt[None, :]
         if SUMS_AFTER:
             ys = ys + (tl.sum(h * Ct[None, :], axis=1),)
         else:
@@ -720,7 +743,7 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
             # position t = STEP - 2 - k of the window
             B1 = tl.load(row_b + (STEP - 1 - k) * N + n_idx).to(tl.float32)
             Ct = tl.load(row_c + (STEP - 2 - k) * N + n_idx).to(tl.float32)
-            r = kept[STEP - 2 - k] * (r + _pick(dtu, t_idx, STEP - 1 - k)[:, None] * B1[None, :])
+            r = kept[STEP - 2 - k] * (r + _pick_col(dtu, t_idx, STEP - 1 - k, SHFL_PICK) * B1[None, :])
             if SUMS_AFTER:
                 back = (tl.sum(r * Ct[None, :], axis=1),) + back
             else:
@@ -744,8 +767,8 @@ def _fwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
-    SUMS_AFTER: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
@@ -797,7 +820,7 @@ def _fwd_seq_kernel(
             y = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
         row_b = bt_row0 + pos0.to(tl.int64) * N
         row_c = ct_row0 + pos0.to(tl.int64) * N
-        h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER)
+        h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER, SHFL_PICK)
         row = offs_d[:, None]
         pos = pos0 + t_idx
         if HAS_Z:
@@ -1333,6 +1356,12 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 # each position's sum over states added into the output tile after the walks, not during them
                 # (`_walk_window`): pays where a channel's positions are split over lanes (TB 16)
                 SUMS_AFTER=bool((override or {}).get("SUMS_AFTER", tb >= 16)),
+                # a position's Δ and Δu picked by one PTX shuffle (`_pick_col`): only at the tiles it was written
+                # for (`_fwd_seq` also checks the compiled layout; state 16 there). Measured on an H200 at B1 D1024
+                # N16 L131072 bf16 (kernels/NOTES.md, session 12): plain forward 1.31 -> 1.23 ms; LB 16 1.53 ->
+                # 1.56, so off there by default
+                SHFL_PICK=bool((override or {}).get("SHFL_PICK", not window)) and not _interpreting() and block_d == 16
+                and tb == 16 and step == 16 and num_warps == 1,
                 # a register cap for ptxas (sweeps only: every cap tried made the LB forward slower)
                 maxnreg=(override or {}).get("maxnreg"))
 
@@ -1379,17 +1408,24 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Bt.stride(0), Bt.stride(1),
             A.stride(0), A.stride(1), **tiles, **flags, num_warps=nw,
         )
-    kern = _fwd_seq_kernel[(d_tiles, batch, n_seg)](
+    args = (
         u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, out, hs, last, sx, sp,
         L, dim, dim // groups, seg_len, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         *(hs.stride() if save_states else (0, 0, 0, 0)),
-        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"], PREFETCH_L1=sc["PREFETCH_L1"],
-        SUMS_AFTER=sc["SUMS_AFTER"], HAS_D=D is not None, HAS_Z=z is not None, **flags,
+    )
+    consts = dict(
+        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"],
+        PREFETCH_L1=sc["PREFETCH_L1"], SUMS_AFTER=sc["SUMS_AFTER"], SHFL_PICK=sc["SHFL_PICK"] and Np == 16,
+        HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
         **({"maxnreg": sc["maxnreg"]} if sc["maxnreg"] else {}),
     )
+    grid = (d_tiles, batch, n_seg)
+    if consts["SHFL_PICK"] and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid, FWD_SHFL_LAYOUT):
+        consts.update(SHFL_PICK=False)
+    kern = _fwd_seq_kernel[grid](*args, **consts)
     _note_kernel("fwd_seq_lb" if window else "fwd_seq", kern)
     return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), scan_cfg
 
@@ -1495,7 +1531,9 @@ def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_
 
 # The layout `_PICK_PTX` and `_SWAP_PTX` were written for, as Triton prints it in the TTGIR
 BWD_SHFL_LAYOUT = "sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [1, 1], order = [1, 0]"
-# Per specialization of the sequential backward with SHFL: whether its shuffles got that layout
+# and the one `_PICK8_PTX` was written for (the forward)
+FWD_SHFL_LAYOUT = "sizePerThread = [1, 8], threadsPerWarp = [16, 2], warpsPerCTA = [1, 1], order = [1, 0]"
+# Per kernel and specialization with PTX shuffles: whether they got the layout they were written for
 _SHUFFLES_CHECKED: dict = {}
 
 
@@ -1515,6 +1553,15 @@ def _specialization(args: tuple, consts: dict) -> tuple:
     key = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0, a >= 2**31)
                 for a in args)
     return key + tuple(sorted(consts.items()))
+
+
+def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str) -> bool:
+    """Whether `kernel`, launched with these arguments, has its PTX shuffles on tiles of `layout`: compiled
+    without launching and read once per specialization (`_specialization`)."""
+    key = (kernel.fn.__name__,) + _specialization(args, consts)
+    if key not in _SHUFFLES_CHECKED:
+        _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(kernel.warmup(*args, grid=grid, **consts).asm["ttgir"], layout)
+    return _SHUFFLES_CHECKED[key]
 
 
 def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc):
@@ -1566,14 +1613,9 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
         **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
     grid = (d_tiles, batch, n_seg)
-    if consts["SHFL"]:
-        # compile without launching and read the shuffles' layout, once per specialization; where it is not
-        # the one they were written for, the `tl` path (the reduce-scatter needs the shuffles)
-        key = _specialization(args, consts)
-        if key not in _SHUFFLES_CHECKED:
-            _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(_bwd_seq_kernel.warmup(*args, grid=grid, **consts).asm["ttgir"])
-        if not _SHUFFLES_CHECKED[key]:
-            consts.update(SHFL=False, SCATTER=False)
+    if consts["SHFL"] and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid, BWD_SHFL_LAYOUT):
+        # the `tl` path (the reduce-scatter needs the shuffles)
+        consts.update(SHFL=False, SCATTER=False)
     kern = _bwd_seq_kernel[grid](*args, **consts)
     _note_kernel("bwd_seq", kern)
     dB = dBt[:, :, :L].transpose(2, 3)

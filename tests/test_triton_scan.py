@@ -423,18 +423,38 @@ def ttgir(shfl):
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
 
+def fwd_ttgir(window):
+    # the forward at its GPU defaults, PTX picks on (plain, and LB window 16)
+    fn = ks._fwd_seq_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
+                  PREFETCH_BC=not window, PREFETCH_L1=True, SUMS_AFTER=True, SHFL_PICK=True,
+                  HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, SAVE_LAST=False)
+    bf16 = {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"}
+    sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
+        p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
+
 with_shfl = ttgir(True)
+fwd = fwd_ttgir(0)
 json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWarp = [8, 4]" in with_shfl,
            "other_layout_ok": ks._shuffle_layouts_ok(with_shfl.replace("threadsPerWarp = [8, 4]", "threadsPerWarp = [16, 2]")),
-           "no_shuffles_ok": ks._shuffle_layouts_ok(ttgir(False))}, sys.stdout)
+           "no_shuffles_ok": ks._shuffle_layouts_ok(ttgir(False)),
+           "fwd_ok": ks._shuffle_layouts_ok(fwd, ks.FWD_SHFL_LAYOUT),
+           "fwd_lb_ok": ks._shuffle_layouts_ok(fwd_ttgir(16), ks.FWD_SHFL_LAYOUT),
+           "fwd_as_bwd_ok": ks._shuffle_layouts_ok(fwd)}, sys.stdout)
 """
 
 
 def test_shuffle_layout_check_reads_the_compiled_kernel():
-    """The backward's PTX shuffles run only where the compiled kernel's TTGIR shows the layout they
-    were written for (`_shuffle_layouts_ok`, read before the first launch of each specialization).
-    Compiled for sm_90 here (no GPU needed; outside the interpreter, so in a subprocess): at the GPU
-    defaults this Triton gives that layout; another layout, or no shuffles, is refused."""
+    """The PTX shuffles of the sequential backward and forward run only where the compiled kernel's
+    TTGIR shows the layout they were written for (`_shuffle_layouts_ok`, read before the first launch
+    of each specialization). Compiled for sm_90 here (no GPU needed; outside the interpreter, so in a
+    subprocess): at the GPU defaults this Triton gives those layouts; another layout, or no shuffles,
+    is refused."""
     import json
     import os
     import subprocess
@@ -444,7 +464,8 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
     run = subprocess.run([sys.executable, "-c", _COMPILE_BWD_SEQ], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout)
-    assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False}, seen
+    assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False,
+                    "fwd_ok": True, "fwd_lb_ok": True, "fwd_as_bwd_ok": False}, seen
     # what the check is keyed on: a launch whose rows are not 16-byte aligned is another specialization
     x, y = torch.zeros(32), torch.zeros(33)
     consts = {"SHFL": True}
@@ -485,25 +506,42 @@ def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,length", [(torch.float32, 3001), (torch.float32, 3072), (torch.bfloat16, 3001),
+                                          (torch.bfloat16, 3072)])
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 5), ("local_bidirectional", 8),
                                               ("local_bidirectional", 16)])
-def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, monkeypatch):
-    # the backward's picks and dB/dC reduce-scatter in PTX shuffles (which assume Triton's tile layout:
-    # a wrong lane gives errors of order 1) against the same kernel with `tl.sum` only, to rounding
-    # (not bit for bit: dB and dC are summed in another order, and ptxas fuses multiplies and adds
-    # differently in the two builds)
-    args = _inputs(2, 96, 3001, 16, device="cuda")
+def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, dtype, length, monkeypatch):
+    # the PTX shuffles (which assume Triton's tile layout: a wrong lane gives errors of order 1) against
+    # the same kernels with `tl` only, to rounding (not bit for bit: sums are taken in another order, and
+    # ptxas fuses multiplies and adds differently in the two builds; bf16 results may round the other way).
+    # Backward: picks, dB/dC reduce-scatter, sums over states. Forward (blocks of 16: plain, and LB 16,
+    # where it is off by default): picks. The layout check must let them run where the rows are 16-byte
+    # aligned (the forward only with 16-bit inputs), and must refuse the forward's with fp32 inputs, whose
+    # tiles get another layout.
+    args = _inputs(2, 96, length, 16, dtype=dtype, device="cuda")
     results = []
     for fast in (True, False):
         bwd = {"SHFL": fast, "SCATTER": fast, "SEG": 5}
+        seq = {"SHFL_PICK": fast, "SEG": 7}
         sc = ks._bwd_seq_config(96, 1, 16, window, bwd)
         assert sc["SHFL"] is fast and sc["SCATTER"] is fast
-        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd})
+        assert ks._seq_config(96, 1, window, window or 16, seq)["SHFL_PICK"] is (fast and window in (None, 16))
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd, "seq": seq})
+        ks._SHUFFLES_CHECKED.clear()
         results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
                             window=window))
-    (_, g_fast), (_, g_tl) = results
+        if fast:
+            checked = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[0] == name]
+                       for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
+    if length % 16 == 0:
+        assert checked["_bwd_seq_kernel"] and all(checked["_bwd_seq_kernel"]), checked
+    if window in (None, 16) and (length % 16 == 0 or dtype == torch.float32):
+        assert checked["_fwd_seq_kernel"] and all(ok is (dtype == torch.bfloat16) for ok in checked["_fwd_seq_kernel"]), checked
+    (out_fast, g_fast), (out_tl, g_tl) = results
+    tol = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
+    assert _rel(out_fast, out_tl) < tol[args["u"].dtype]
     for k in g_tl:
-        assert _rel(g_fast[k], g_tl[k]) < 1e-6, k
+        assert _rel(g_fast[k], g_tl[k]) < tol[args[k].dtype], k
 
 
 @pytest.mark.gpu
