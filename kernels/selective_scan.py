@@ -22,10 +22,13 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   dozen instructions before their use. A hint with no effect on results; off in the interpreter, which
   has no inline assembly.
 - At its GPU defaults (state 16) the sequential backward picks a position's Δ, Δu, dy out of its tiles
-  with one PTX `shfl.idx`, and sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
-  shuffles over a sub-block's positions (`_pick_row`, `_fold`). They assume the tile layout Triton
-  chose when they were written; `_bwd_seq` reads the compiled kernel's layout before the first launch
-  of each specialization and uses the `tl` form where it differs.
+  with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
+  shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
+  over states two positions per pair of shuffles (`_state_sum`). The plain forward picks Δ and Δu
+  with one `shfl.idx` too (`_pick_col`). These assume the tile layouts Triton chose when they were
+  written; `_bwd_seq` and `_fwd_seq` read the compiled kernel's layout before the first launch of each
+  specialization (`_shuffles_fit`) and use the `tl` form where it differs (fp32 inputs in the forward,
+  rows not aligned to 16 bytes).
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
@@ -847,8 +850,9 @@ def _fwd_seq_kernel(
 #   after, and into the segment's last block from the summaries of the segments after it), for LB
 #   r_t = a_t (r_{t+1} + b_{t+1}) (0 at the window end), and every gradient of position t.
 # Two exponentials per element-state (2.5 with two sub-blocks per block), no scans. The sums over
-# states (dΔ, du, y for dz) are `tl.sum`s of the (BLOCK_D, state) tile; those over the tile's channels
-# (dB, dC) a reduce-scatter over the sub-block's positions (`_fold`; `tl.sum`s where SCATTER is off).
+# states (dΔ, du, y for dz) are `tl.sum`s of the (BLOCK_D, state) tile (with SHFL: `_state_sum`); those
+# over the tile's channels (dB, dC) a reduce-scatter over the sub-block's positions (`_fold`; `tl.sum`s
+# where SCATTER is off).
 # B_t and C_t are read as rows of transposed copies, and dB, dC are added into transposed
 # (batch, groups, length, state) buffers, one (SUB, state) tile per sub-block and program.
 #
@@ -1312,8 +1316,9 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     lanes = tb // (vec or 8)
     block_d = int(override.get("BLOCK_D", 32 * num_warps // lanes))
     block_d = _fit_channels(block_d, dim, groups)
-    # the picks of a position's Δ, Δu, dy and the lane swaps below in PTX shuffles (`_pick_row`,
-    # `_swap_rows`): only for the tile layout they were written for, and not in the interpreter
+    # the picks of a position's Δ, Δu, dy, the sums over states and the lane swaps below in PTX shuffles
+    # (`_pick_row`, `_state_sum`, `_swap_rows`): only for the tile layout they were written for, and not
+    # in the interpreter
     shfl = (bool(override.get("SHFL", True)) and not _interpreting() and block_d == 8 and Np == 16 and tb == 16
             and vec == 4 and num_warps == 1 and sub <= 8)
     # dB and dC summed over the tile's 8 channels by a reduce-scatter over a sub-block's (at most 8)
