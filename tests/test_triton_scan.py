@@ -423,6 +423,7 @@ def ttgir(shfl):
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
 
+
 def fwd_ttgir(window):
     # the forward at its GPU defaults, PTX picks on (plain, and LB window 16)
     fn = ks._fwd_seq_kernel
@@ -536,7 +537,8 @@ def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, dtype, length, mo
     if length % 16 == 0:
         assert checked["_bwd_seq_kernel"] and all(checked["_bwd_seq_kernel"]), checked
     if window in (None, 16) and (length % 16 == 0 or dtype == torch.float32):
-        assert checked["_fwd_seq_kernel"] and all(ok is (dtype == torch.bfloat16) for ok in checked["_fwd_seq_kernel"]), checked
+        fwd_ok = checked["_fwd_seq_kernel"]
+        assert fwd_ok and all(ok is (dtype == torch.bfloat16) for ok in fwd_ok), checked
     (out_fast, g_fast), (out_tl, g_tl) = results
     tol = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
     assert _rel(out_fast, out_tl) < tol[args["u"].dtype]
