@@ -409,35 +409,33 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from wsimamba.kernels import selective_scan as ks
 
-def ttgir(shfl):
-    # the GPU defaults: bf16 inputs, state 16, LB window 16; pointers, lengths and row strides multiples of 16
-    fn = ks._bwd_seq_kernel
+
+def compiled_ttgir(fn, consts, bf16):
+    # compiled for sm_90 with the pointers in `bf16` bf16, the others fp32; pointers, lengths and row
+    # strides multiples of 16
     params = list(inspect.signature(fn.fn).parameters)
-    consts = dict(N=16, BLOCK_D=8, TB=16, STEP=16, SUB=8, SUBP=8, WINDOW=16, VEC=4, PREFETCH_L1=True, PF=16,
-                  SCATTER=shfl, SHFL=shfl, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-    bf16 = {"u_ptr", "dt_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
     sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
            for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
         p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
+
+
+def ttgir(shfl):
+    # the backward at its GPU defaults: bf16 inputs, state 16, LB window 16
+    consts = dict(N=16, BLOCK_D=8, TB=16, STEP=16, SUB=8, SUBP=8, WINDOW=16, VEC=4, PREFETCH_L1=True, PF=16,
+                  SCATTER=shfl, SHFL=shfl, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+    return compiled_ttgir(ks._bwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"})
 
 
 def fwd_ttgir(window):
     # the forward at its GPU defaults, PTX picks on (plain, and LB window 16)
-    fn = ks._fwd_seq_kernel
-    params = list(inspect.signature(fn.fn).parameters)
     consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
                   PREFETCH_BC=not window, PREFETCH_L1=True, SUMS_AFTER=True, SHFL_PICK=True,
                   HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, SAVE_LAST=False)
-    bf16 = {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"}
-    sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
-           for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
-        p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
+    return compiled_ttgir(ks._fwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"})
+
 
 with_shfl = ttgir(True)
 fwd = fwd_ttgir(0)
