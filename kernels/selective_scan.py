@@ -25,7 +25,7 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
   shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
   over states two positions per pair of shuffles (`_state_sum`). The plain forward picks Δ and Δu
-  with one `shfl.idx` too (`_pick_col`). These assume the tile layouts Triton chose when they were
+  with one `shfl.idx` too (`_pick_row` with 2 lanes). These assume the tile layouts Triton chose when they were
   written; `_bwd_seq` and `_fwd_seq` read the compiled kernel's layout before the first launch of each
   specialization (`_shuffles_fit`) and use the `tl` form where it differs (fp32 inputs in the forward,
   rows not aligned to 16 bytes).
@@ -547,6 +547,14 @@ def _pick(tile, t_idx, t: tl.constexpr):
 _PICK_PTX = tl.constexpr(tuple(
     "{ .reg .b32 v; shfl.sync.idx.b32 v, $%d, %d, 0x1c1f, -1; mov.b32 $0, v; mov.b32 $1, v; mov.b32 $2, v; mov.b32 $3, v; }"
     % (4 + t % 4, t // 4) for t in range(16)))
+# The sequential forward's tiles at its GPU defaults (one warp, BLOCK_D 16, TB 16, state 16, 16-bit
+# inputs in rows aligned to 16 bytes) have sizePerThread [1, 8], threadsPerWarp [16, 2] (`FWD_SHFL_LAYOUT`):
+# lane = 2·channel + column/8, and a thread holds 8 consecutive columns (positions, or states in a state
+# tile). fp32 inputs or unaligned rows give another layout; `_fwd_seq` checks it like the backward's.
+# Column t of such a tile broadcast along the row: one `shfl.idx` between a channel's 2 lanes.
+_PICK8_PTX = tl.constexpr(tuple(
+    "{ .reg .b32 v; shfl.sync.idx.b32 v, $%d, %d, 0x1e1f, -1; " % (8 + t % 8, t // 8)
+    + " ".join("mov.b32 $%d, v;" % i for i in range(8)) + " }" for t in range(16)))
 # Row c of a (8 channels, state) tile from row c ^ 2^k: the lane 4·2^k away.
 _SWAP_PTX = tl.constexpr(tuple("shfl.sync.bfly.b32 $0, $1, %d, 0x1f, -1;" % (4 << k) for k in range(3)))
 
@@ -593,10 +601,14 @@ def _state_sum(x, y, s, w, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
 
 
 @triton.jit
-def _pick_row(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
+def _pick_row(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr, LANES: tl.constexpr = 4):
     """Column t of a (channels, TB) tile, broadcast over the row: with SHFL a (channels, TB) tile
-    (TB = state there), else a (channels, 1) column."""
-    if SHFL:
+    (TB = state there), else a (channels, 1) column. LANES: the lanes sharing a channel in the layout
+    the shuffle was written for, 4 (the backward's, `_PICK_PTX`) or 2 (the forward's, `_PICK8_PTX`)."""
+    if SHFL and LANES == 2:
+        return tl.inline_asm_elementwise(_PICK8_PTX[t], "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [tile],
+                                         dtype=tl.float32, is_pure=True, pack=8)
+    elif SHFL:
         return tl.inline_asm_elementwise(_PICK_PTX[t], "=r,=r,=r,=r,r,r,r,r", [tile], dtype=tl.float32,
                                          is_pure=True, pack=4)
     else:
@@ -620,27 +632,6 @@ def _fold(hi, lo, c_idx, k: tl.constexpr, SHFL: tl.constexpr):
     against the 24 of `tl.sum`'s all-reduce of each tile."""
     up = ((c_idx >> k) & 1)[:, None] == 1
     return tl.where(up, hi, lo) + _swap_rows(tl.where(up, lo, hi), c_idx, k, SHFL)
-
-
-# The sequential forward's tiles at its GPU defaults (one warp, BLOCK_D 16, TB 16, state 16, 16-bit
-# inputs in rows aligned to 16 bytes) have sizePerThread [1, 8], threadsPerWarp [16, 2] (`FWD_SHFL_LAYOUT`):
-# lane = 2·channel + column/8, and a thread holds 8 consecutive columns (positions, or states in a state
-# tile). fp32 inputs or unaligned rows give another layout; `_fwd_seq` checks it like the backward's.
-# Column t of a (channels, 16) tile broadcast along the row: one `shfl.idx` between a channel's 2 lanes.
-_PICK8_PTX = tl.constexpr(tuple(
-    "{ .reg .b32 v; shfl.sync.idx.b32 v, $%d, %d, 0x1e1f, -1; " % (8 + t % 8, t // 8)
-    + " ".join("mov.b32 $%d, v;" % i for i in range(8)) + " }" for t in range(16)))
-
-
-@triton.jit
-def _pick_col(tile, t_idx, t: tl.constexpr, SHFL: tl.constexpr):
-    """Column t of a (channels, TB) tile: with SHFL (the forward's layout) a (channels, 16) tile with
-    constant rows, else a (channels, 1) column."""
-    if SHFL:
-        return tl.inline_asm_elementwise(_PICK8_PTX[t], "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [tile],
-                                         dtype=tl.float32, is_pure=True, pack=8)
-    else:
-        return _pick(tile, t_idx, t)[:, None]
 
 
 @triton.jit
@@ -711,7 +702,7 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
     split over two lanes (LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10). Blocks of
     4 and 8 keep the other form: SUMS_AFTER compiled to more spills or registers there (not timed).
     SHFL_PICK (16 positions, state 16, the layout `FWD_SHFL_LAYOUT`): picks by one PTX shuffle
-    (`_pick_col`)."""
+    (`_pick_row` with 2 lanes)."""
     kept = ()
     ys = ()
     n_idx = tl.arange(0, N)
@@ -729,8 +720,8 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
         else:
             Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)
             Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)
-        a = tl.exp2(_pick_col(dt, t_idx, t, SHFL_PICK) * A2)
-        h = a * h + _pick_col(dtu, t_idx, t, SHFL_PICK) * Bt[None, :]
+        a = tl.exp2(_pick_row(dt, t_idx, t, SHFL_PICK, 2) * A2)
+        h = a * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt[None, :]
         if SUMS_AFTER:
             ys = ys + (tl.sum(h * Ct[None, :], axis=1),)
         else:
@@ -745,7 +736,7 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
             # position t = STEP - 2 - k of the window
             B1 = tl.load(row_b + (STEP - 1 - k) * N + n_idx).to(tl.float32)
             Ct = tl.load(row_c + (STEP - 2 - k) * N + n_idx).to(tl.float32)
-            r = kept[STEP - 2 - k] * (r + _pick_col(dtu, t_idx, STEP - 1 - k, SHFL_PICK) * B1[None, :])
+            r = kept[STEP - 2 - k] * (r + _pick_row(dtu, t_idx, STEP - 1 - k, SHFL_PICK, 2) * B1[None, :])
             if SUMS_AFTER:
                 back = (tl.sum(r * Ct[None, :], axis=1),) + back
             else:
@@ -1360,7 +1351,7 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 # each position's sum over states added into the output tile after the walks, not during them
                 # (`_walk_window`): pays where a channel's positions are split over lanes (TB 16)
                 SUMS_AFTER=bool((override or {}).get("SUMS_AFTER", tb >= 16)),
-                # a position's Δ and Δu picked by one PTX shuffle (`_pick_col`): only at the tiles it was written
+                # a position's Δ and Δu picked by one PTX shuffle (`_pick_row`): only at the tiles it was written
                 # for (`_fwd_seq` also checks the compiled layout; state 16 there). Measured on an H200 at B1 D1024
                 # N16 L131072 bf16 (kernels/NOTES.md, session 12): plain forward 1.31 -> 1.23 ms; LB 16 1.53 ->
                 # 1.56, so off there by default
