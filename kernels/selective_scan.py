@@ -25,10 +25,10 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
   shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
   over states two positions per pair of shuffles (`_state_sum`). The plain forward picks Δ and Δu
-  with one `shfl.idx` too (`_pick_row` with 2 lanes). These assume the tile layouts Triton chose when they were
-  written; `_bwd_seq` and `_fwd_seq` read the compiled kernel's layout before the first launch of each
-  specialization (`_shuffles_fit`) and use the `tl` form where it differs (fp32 inputs in the forward,
-  rows not aligned to 16 bytes).
+  with one `shfl.idx` too (`_pick_row` with 2 lanes). These assume the tile layouts Triton chose
+  when they were written; `_bwd_seq` and `_fwd_seq` read the compiled kernel's layout before the
+  first launch of each specialization (`_shuffles_fit`) and use the `tl` form where it differs (fp32
+  inputs in the forward, rows not aligned to 16 bytes).
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence

@@ -402,7 +402,7 @@ def test_gpu_softplus_is_accurate_to_a_few_ulp():
     assert threshold_exact
 
 
-_COMPILE_BWD_SEQ = """
+_COMPILE_SEQ_KERNELS = """
 import inspect, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -460,7 +460,7 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_BWD_SEQ], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SEQ_KERNELS], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout)
     assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False,
