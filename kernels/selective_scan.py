@@ -1241,6 +1241,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _rows_kernel(B_ptr, C_ptr, Bt_ptr, Ct_ptr, L, LP, G, s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+                 N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """B and C (batch, groups, N, L), any strides, into contiguous (batch, groups, LP, N) row buffers, zero
+    from row L on: one launch for both (program axis 2 picks which). The sequential kernels read one
+    row per position."""
+    l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    bg = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = (bg % G).to(tl.int64)
+    n = tl.arange(0, N)
+    src = b * s_Bb + g * s_Bg + n[:, None] * s_Bn + l[None, :].to(tl.int64) * s_Bl
+    dst = (bg.to(tl.int64) * LP + l[None, :]) * N + n[:, None]
+    inside = (l < L)[None, :]
+    rows = (l < LP)[None, :]
+    if tl.program_id(2) == 0:
+        tl.store(Bt_ptr + dst, tl.load(B_ptr + src, mask=inside, other=0.0), mask=rows)
+    else:
+        src = b * s_Cb + g * s_Cg + n[:, None] * s_Cn + l[None, :].to(tl.int64) * s_Cl
+        tl.store(Ct_ptr + dst, tl.load(C_ptr + src, mask=inside, other=0.0), mask=rows)
+
+
+def _transposed_rows(B4: torch.Tensor, C4: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, groups, L + extra, state) contiguous copies of B4 and C4 transposed, the extra rows zero.
+    Same as `F.pad(X.transpose(2, 3), (0, 0, 0, extra)).contiguous()` for both (the tests compare them),
+    in one launch instead of four (a fill and a copy each)."""
+    batch, groups, N, L = B4.shape
+    LP = L + extra
+    Bt = torch.empty((batch, groups, LP, N), device=B4.device, dtype=B4.dtype)
+    Ct = torch.empty((batch, groups, LP, N), device=C4.device, dtype=C4.dtype)
+    block_l = max(16, 4096 // N)
+    _rows_kernel[(triton.cdiv(LP, block_l), batch * groups, 2)](
+        B4, C4, Bt, Ct, L, LP, groups, *B4.stride(), *C4.stride(), N=N, BLOCK_L=block_l, num_warps=4)
+    return Bt, Ct
+
+
 def _pad_state(A, B4, C4, Np):
     N = A.shape[1]
     if Np == N:
@@ -1384,9 +1420,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     Np = triton.next_power_of_2(N)
     A, B4, C4 = _pad_state(A, B4, C4, Np)
     # (batch, groups, length + TB, state): one row per position, TB zero rows so blocks read unmasked
-    pad_rows = (0, 0, 0, sc["TB"])
-    Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
-    Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
+    Bt, Ct = _transposed_rows(B4, C4, sc["TB"])
     out = _out_like(u)
     f32 = dict(device=u.device, dtype=torch.float32)
     hs = _saved_states(batch, dim, Np, n_chunks, u.device) if save_states else out
@@ -1578,9 +1612,7 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     # ceil(STEP / SUB) * SUB - 1 rows past the last block's start, which can be more than STEP rows past
     # the end (STEP 4, SUB 3: 6 rows). Zero rows there; a row read past the buffer was heap garbage,
     # and 0 × NaN poisoned the gradients at the sequence's end now and then.
-    pad_rows = (0, 0, 0, triton.cdiv(step, sc["SUB"]) * sc["SUB"])
-    Bt = torch.nn.functional.pad(B4.transpose(2, 3), pad_rows).contiguous()
-    Ct = torch.nn.functional.pad(C4.transpose(2, 3), pad_rows).contiguous()
+    Bt, Ct = _transposed_rows(B4, C4, triton.cdiv(step, sc["SUB"]) * sc["SUB"])
     dout = _rows(dout)
     # dB and dC accumulate in the transposed (batch, groups, length, state) layout of Bt and Ct
     du, ddt, dz, dA, dBt, dCt, dD, dbias, sk, sj, zz, dzz, bias, flags = _grad_buffers(

@@ -386,6 +386,24 @@ def _softplus_error(device):
     return (rel / x.double().abs().clamp_min(1.0)).max().item(), (y[x > 20] == x[x > 20]).all().item()
 
 
+@pytest.mark.parametrize("batch,groups,state,length,extra", [(1, 1, 16, 131, 16), (2, 3, 8, 77, 6), (3, 2, 64, 40, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_rows_match_padded_transposes(batch, groups, state, length, extra, dtype):
+    """The one-launch row copies of B and C the sequential kernels read: the same as padding the transposes
+    (PyTorch) for contiguous inputs and for views with other strides, and never a stale value in the pad rows."""
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    B4 = torch.randn(batch, groups, state, length, generator=g).to(DEV, dtype)
+    C4 = torch.randn(batch, groups, length, state, generator=g).to(DEV, dtype).transpose(2, 3)  # length-major view
+    # the second pair: C first (transposed strides), and B sliced along the length (offset, row stride L)
+    for B, C in ((B4, C4), (C4[..., 1:], B4[..., 1:])):
+        Bt, Ct = ks._transposed_rows(B, C, extra)
+        for X, Xt in ((B, Bt), (C, Ct)):
+            want = torch.nn.functional.pad(X.transpose(2, 3), (0, 0, 0, extra))
+            assert Xt.is_contiguous() and Xt.dtype == X.dtype and Xt.shape == want.shape, seed
+            assert torch.equal(Xt, want), seed
+
+
 def test_softplus_is_accurate_to_a_few_ulp():
     # the fitted log1p polynomial: a wrong coefficient, or losing the tail below x ≈ -17 (where
     # 1 + e^x rounds to 1 and log(1 + exp(x)), the kernels' softplus before, returns 0), fails here
