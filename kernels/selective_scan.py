@@ -489,7 +489,8 @@ def _bwd_kernel(
 #
 # Segments: a bag of one long sequence still needs thousands of warps, so the length is cut into
 # segments. A segment's effect on the state is h_end = P·h_start + X. The summary kernel walks each
-# segment backward from its end with Q = Π a over the positions after t (X += Q b_t, then Q ·= a_t)
+# segment backward from its end with Q = Π a over the positions after t, which is exp2(A·log2(e)·S)
+# with S the channel's sum of Δ over them (X += Q b_t, then S += Δ_t: no running product to multiply),
 # and stops once Q < 2^-64 for every channel and state of its tile (then P = Q, and P·h_start is
 # as negligible). Anything earlier would enter X at under 2^-64 times its size: below fp32's
 # rounding of X (2^-24 relative) unless the earlier inputs are over 2^40 times the recent ones.
@@ -663,7 +664,11 @@ def _fwd_seq_summary_kernel(
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
     X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    Q = tl.where(mask_d[:, None], 1.0, 0.0) + X  # channels past DIM start at zero: they never hold the loop
+    # The decay product over the positions walked so far is exp2(A·log2(e)·S), S the channel's sum of Δ over
+    # them: kept as S, one exponential per element-state and position as a running product takes, one
+    # multiply less, and the cut-off test needs only each channel's slowest state.
+    S = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    slowest = tl.max(A2, axis=1)
     i = (end - start + STEP - 1) // STEP - 1
     go = i >= 0
     while go:
@@ -674,10 +679,12 @@ def _fwd_seq_summary_kernel(
         row_b = Bt_ptr + b * s_Bb + g * s_Bg + pos0.to(tl.int64) * N + n_idx
         for k in tl.static_range(STEP):
             Bt = tl.load(row_b + (STEP - 1 - k) * N).to(tl.float32)
-            X += Q * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
-            Q = Q * tl.exp2(_pick(dt, t_idx, STEP - 1 - k)[:, None] * A2)
+            X += tl.exp2(S[:, None] * A2) * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
+            S += _pick(dt, t_idx, STEP - 1 - k)
         i -= 1
-        go = (i >= 0) & (tl.max(tl.max(Q, axis=1), axis=0) >= SUMMARY_CUTOFF)
+        # channels past DIM never hold the loop
+        go = (i >= 0) & (tl.max(tl.where(mask_d, tl.exp2(slowest * S), 0.0), axis=0) >= SUMMARY_CUTOFF)
+    Q = tl.exp2(S[:, None] * A2)
     off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
     tl.store(sx_ptr + off, X, mask=mask_d[:, None])
     tl.store(sp_ptr + off, Q, mask=mask_d[:, None])
@@ -863,7 +870,10 @@ def _bwd_seq_summary_kernel(
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 1)
     J = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    R = tl.where(mask_d[:, None], 1.0, 0.0) + J  # channels past DIM start at zero: they never hold the loop
+    # the decay product over the positions walked so far, R = exp2(A·log2(e)·S) with S the channel's sum of Δ
+    # (as in the forward's summary kernel)
+    S = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    slowest = tl.max(A2, axis=1)
     base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     pos0 = start
     go = pos0 < end
@@ -872,10 +882,12 @@ def _bwd_seq_summary_kernel(
                                         s_ub, s_ud, s_tb, s_td, s_gb, s_gd, s_zb, s_zd, STEP, HAS_Z, HAS_BIAS, SOFTPLUS)
         row_c = base_c + pos0.to(tl.int64) * N
         for t in tl.static_range(STEP):
-            R = R * tl.exp2(_pick(dt, t_idx, t)[:, None] * A2)
-            J += R * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
+            S += _pick(dt, t_idx, t)
+            J += tl.exp2(S[:, None] * A2) * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
         pos0 += STEP
-        go = (pos0 < end) & (tl.max(tl.max(R, axis=1), axis=0) >= SUMMARY_CUTOFF)
+        # channels past DIM never hold the loop
+        go = (pos0 < end) & (tl.max(tl.where(mask_d, tl.exp2(slowest * S), 0.0), axis=0) >= SUMMARY_CUTOFF)
+    R = tl.exp2(S[:, None] * A2)
     off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
     tl.store(sk_ptr + off, R, mask=mask_d[:, None])
     tl.store(sj_ptr + off, J, mask=mask_d[:, None])
