@@ -162,7 +162,7 @@ def _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N
     2^-64 (the summaries' own cut-off: what is left enters under 2^-64 times its size); the loads after
     that are masked off, so the loop no longer waits on one L2 load per earlier segment (in order, the
     last segments' programs started microseconds after the first ones). Masks, not a loop that stops:
-    a `while` with a reduction here made ptxas give the main loop 64 registers and 2.8 KB of stack."""
+    a `while` with a reduction here made ptxas build the LB forward with 64 registers and 2.8 KB of stack."""
     h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     P = tl.where(mask_d[:, None], 1.0, 0.0) + h
     soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
@@ -673,7 +673,7 @@ def _fwd_seq_summary_kernel(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
     X = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     # The decay product over the positions walked so far is exp2(A·log2(e)·S), S the channel's sum of Δ over
-    # them: kept as S, one exponential per element-state and position as a running product takes, one
+    # them. Keeping S instead of the product: the same one exponential per element-state and position, one
     # multiply less, and the cut-off test needs only each channel's slowest state.
     S = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slowest = tl.max(A2, axis=1)
