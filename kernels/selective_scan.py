@@ -155,22 +155,40 @@ def _load_dt(dt_ptr, off, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.const
 
 
 @triton.jit
+def _fold_step(x_ptr, p_ptr, soff, s2, acc, P):
+    """One summary into a `_fold_nearest` sum, where the product of P so far is not yet below 2^-64."""
+    live = P >= SUMMARY_CUTOFF
+    acc += P * tl.load(x_ptr + soff + s2, mask=live, other=0.0)
+    return acc, P * tl.load(p_ptr + soff + s2, mask=live, other=0.0)
+
+
+@triton.jit
+def _fold_nearest(x_ptr, p_ptr, soff, mask_d, first, count, step: tl.constexpr):
+    """Σ_k (Π_{j<k} P_j) X_k over the summaries of segments first, first + step, ... (count of them), nearest
+    first: X_k and P_k read at soff + first + k·step. Each channel and state stops reading once its product
+    of P is below 2^-64 (the summaries' own cut-off: what is left would enter under 2^-64 times its size),
+    so the loop no longer waits on one L2 load per segment (folded in order from the farthest, the last
+    segments' programs started microseconds after the first ones). Masks, not a loop that stops: a `while`
+    with a reduction here made ptxas build the LB forward with 64 registers and 2.8 KB of stack."""
+    acc = tl.zeros(soff.shape, dtype=tl.float32)
+    P = tl.where(mask_d[:, None], 1.0, 0.0) + acc
+    # the two loops as the forward's and backward's folds were written: one `range(0, count)` for both compiled
+    # the backward's prologue differently (unrolled) from the code measured; these give the same SASS
+    if step > 0:
+        for s2 in range(first, first + count):
+            acc, P = _fold_step(x_ptr, p_ptr, soff, s2, acc, P)
+    else:
+        for k in range(0, count):
+            acc, P = _fold_step(x_ptr, p_ptr, soff, first - k, acc, P)
+    return acc
+
+
+@triton.jit
 def _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The state entering segment `seg` from the summaries h_end = P·h_start + X of the segments before it
-    (both forwards write them in this layout): X_{seg-1} + P_{seg-1} X_{seg-2} + P_{seg-1} P_{seg-2} X_{seg-3} ...,
-    from the nearest segment back. Each channel and state stops reading once its product of P is below
-    2^-64 (the summaries' own cut-off: what is left enters under 2^-64 times its size); the loads after
-    that are masked off, so the loop no longer waits on one L2 load per earlier segment (in order, the
-    last segments' programs started microseconds after the first ones). Masks, not a loop that stops:
-    a `while` with a reduction here made ptxas build the LB forward with 64 registers and 2.8 KB of stack."""
-    h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    P = tl.where(mask_d[:, None], 1.0, 0.0) + h
+    (both forwards write them in this layout): X_{seg-1} + P_{seg-1} X_{seg-2} + P_{seg-1} P_{seg-2} X_{seg-3} ..."""
     soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for i in range(0, seg):
-        live = P >= SUMMARY_CUTOFF
-        h += P * tl.load(sx_ptr + soff + (seg - 1 - i), mask=live, other=0.0)
-        P = P * tl.load(sp_ptr + soff + (seg - 1 - i), mask=live, other=0.0)
-    return h
+    return _fold_nearest(sx_ptr, sp_ptr, soff, mask_d, seg - 1, seg, -1)
 
 
 @triton.jit
@@ -197,17 +215,9 @@ def _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc,
 @triton.jit
 def _carry_entering(sk_ptr, sj_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The adjoint carry a·λ entering segment `seg` from its right, from the summaries c_in = K·c_out + J of
-    the segments after it (both backwards write them in this layout): J_{seg+1} + K_{seg+1} J_{seg+2} + ...,
-    from the nearest segment on, each channel and state until its product of K is below 2^-64 (as
-    `_state_entering`)."""
-    c = tl.zeros((BLOCK_D, N), dtype=tl.float32)
-    P = tl.where(mask_d[:, None], 1.0, 0.0) + c
+    the segments after it (both backwards write them in this layout): J_{seg+1} + K_{seg+1} J_{seg+2} + ..."""
     soff = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg
-    for s2 in range(seg + 1, n_seg):
-        live = P >= SUMMARY_CUTOFF
-        c += P * tl.load(sj_ptr + soff + s2, mask=live, other=0.0)
-        P = P * tl.load(sk_ptr + soff + s2, mask=live, other=0.0)
-    return c
+    return _fold_nearest(sj_ptr, sk_ptr, soff, mask_d, seg + 1, n_seg - 1 - seg, 1)
 
 
 @triton.jit
