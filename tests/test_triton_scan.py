@@ -314,6 +314,24 @@ def test_sequential_backward_blocks_sub_blocks_and_segments(direction, window, b
     _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
 
 
+@pytest.mark.parametrize("programs,num_warps,chunks,expected", [
+    (16, 1, 1000, 4),   # an exact fit: the 64 warps asked (16 per SM on the CPU's nominal 4 SMs)
+    (24, 1, 1000, 2),   # 48 of 64 warps: rounding up (3 segments, 72) would leave 8 programs for a second wave
+    (12, 2, 1000, 2),   # the same with two-warp programs
+    (20, 1, 1000, 3),   # 60 of 64
+    (40, 1, 1000, 2),   # 1 segment would fill 40 of 64 warps (under 3/4): rounded up
+    (100, 1, 1000, 1),  # more programs than warps asked
+    (16, 1, 3, 3),      # never more segments than chunks
+])
+def test_segment_count_keeps_programs_in_the_warps_asked(programs, num_warps, chunks, expected):
+    """`_segments` splits the length so that the programs fill the warps asked per SM without a sliver
+    left for another wave (at batch > 1 that sliver cost 1.2-1.35x on an H200), unless staying within
+    them leaves more than a quarter of the warps idle."""
+    cps, n_seg = ks._segments(chunks, programs, num_warps, torch.device("cpu"), None, warps_per_sm=16)
+    assert n_seg == expected
+    assert cps * n_seg >= chunks > cps * (n_seg - 1)
+
+
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4)])
 def test_sequential_forward_feeds_the_scan_backward(direction, window, small_tiles, monkeypatch):
     # BACKWARD = "scan": the sequential forward saves states at the scan kernels' chunks instead
