@@ -548,6 +548,72 @@ def _prefetch(ptrs):
                               is_pure=False, pack=1)
 
 
+# The sequential forward's B and C rows in shared memory (SMEM_ROWS): a static `.shared` array declared once
+# in the kernel's PTX, filled a block ahead by `cp.async` (global to shared, no registers), read with 16-byte
+# `ld.volatile.shared` where the walks use a row (volatile: ptxas would otherwise merge the walk back's reads
+# with the walk forward's and keep the rows in registers, which is what this avoids). Two buffers of
+# (B rows, C rows) × 16 positions × 16 fp32 states: 4 KiB per one-warp program.
+_SMEM_DECL = tl.constexpr(".shared .align 16 .b8 wsm_bc_rows[4096];\n\tmov.u32 $0, $1;")
+_SMEM_COPY = tl.constexpr("{ .reg .u32 a; mov.u32 a, wsm_bc_rows; add.u32 a, a, $1; "
+                          "cp.async.ca.shared.global [a], [$2], 16; mov.u32 $0, 0; }")
+_SMEM_COMMIT = tl.constexpr("cp.async.commit_group;\n\tmov.u32 $0, $1;")
+_SMEM_WAIT = tl.constexpr("cp.async.wait_group 1;\n\tbar.warp.sync -1;\n\tmov.u32 $0, $1;")
+_SMEM_SYNC = tl.constexpr("bar.warp.sync -1;\n\tmov.u32 $0, $1;")
+_SMEM_WAIT_ALL = tl.constexpr("cp.async.wait_group 0;\n\tmov.u32 $0, $1;")
+# pure (so the layout pass leaves no dead copies), one text per walk: identical reads of the walk forward and
+# the walk back would be merged, and the rows kept in registers, the thing this avoids
+# pure (so the layout pass leaves no dead copies), one text per walk: identical reads of the walk forward and
+# the walk back would be merged, and the rows kept in registers, the thing this avoids. Row r at [base + 64·r].
+_SMEM_ROW = tl.constexpr(tuple("{ .reg .u32 a; mov.u32 a, wsm_bc_rows; add.u32 a, a, $4; "
+                               "ld.volatile.shared.v4.f32 {$0, $1, $2, $3}, [a+%d]; } // walk %d" % (64 * r, w)
+                               for w in range(2) for r in range(32)))
+
+
+@triton.jit
+def _smem_op(code: tl.constexpr, x):
+    """A statement of PTX with no result (declare, commit, wait), tied to x so it is emitted once, in order."""
+    return tl.inline_asm_elementwise(code, "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smem_fill(bt_row0, ct_row0, first, last_row, buf, N: tl.constexpr, STEP: tl.constexpr):
+    """cp.async the B and C rows of positions first .. first + STEP - 1 (clamped to last_row) into buffer
+    buf (0 or 1): 2·STEP·N·4 bytes in 16-byte pieces, spread over the warp's lanes."""
+    PIECES: tl.constexpr = 2 * STEP * N // 4
+    c = tl.arange(0, PIECES)
+    which = c // (PIECES // 2)
+    row = (c % (PIECES // 2)) // (N // 4)
+    part = c % (N // 4)
+    pos = tl.minimum(first + row, last_row).to(tl.int64) * N + part * 4
+    src = tl.where(which == 0, bt_row0 + pos, ct_row0 + pos)
+    dst = buf * (2 * STEP * N * 4) + which * (STEP * N * 4) + row * (N * 4) + part * 16
+    tl.inline_asm_elementwise(_SMEM_COPY, "=r,r,l", [dst, src], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smem_row(base, row: tl.constexpr, walk: tl.constexpr):
+    """Row `row` (B rows 0..STEP-1, then C rows) of the buffer whose per-thread addresses are `base`
+    (`_smem_base`), broadcast over the channels, read 16 bytes (4 consecutive states) at a time; in the
+    layout `FWD_SHFL_LAYOUT` a thread holds 8 consecutive states of one channel, 2 reads."""
+    return tl.inline_asm_elementwise(_SMEM_ROW[32 * walk + row], "=r,=r,=r,=r,r,r,r,r", [base], dtype=tl.float32,
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def _smem_base(sm, n_idx, like):
+    """Byte offsets of a thread's states in the buffer at `sm`, a tile shaped like `like` (channels, N).
+    `sm` must come from the wait (`_smem_wait`), which orders the reads after it."""
+    return tl.broadcast_to(sm + n_idx[None, :] * 4, like.shape)
+
+
+@triton.jit
+def _smem_wait(buf_off, t_idx):
+    """Wait for every copy but the newest group, sync the warp, and return buf_off through the wait so that
+    whatever reads at it comes after."""
+    tok = tl.inline_asm_elementwise(_SMEM_WAIT, "=r,r", [t_idx * 0 + buf_off], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.max(tok, axis=0)
+
+
 @triton.jit
 def _pick(tile, t_idx, t: tl.constexpr):
     # column t of a tile whose positions lie in one thread: LLVM folds this to a register read
@@ -717,8 +783,8 @@ def _place(y, ys, t_idx, STEP: tl.constexpr):
 
 
 @triton.jit
-def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
-                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr):
+def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
+                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr):
     """One block of the sequential forward: the walk forward, h_t = a_t h_{t-1} + Δ_t u_t B_t and
     y_t += C_t·h_t; for LB then the window's walk back, y_t += C_t·r_t. row_b, row_c point at the
     block's first B and C row. Returns h and y.
@@ -727,30 +793,37 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
     split over two lanes (LB forward 1.57 against 1.84 ms, kernels/NOTES.md, session 10). Blocks of
     4 and 8 keep the other form: SUMS_AFTER compiled to more spills or registers there (not timed).
     SHFL_PICK (16 positions, state 16, the layout `FWD_SHFL_LAYOUT`): picks by one PTX shuffle
-    (`_pick_row` with 2 lanes)."""
+    (`_pick_row` with 2 lanes).
+    SMEM_ROWS (the same tiles, fp32 rows): B and C rows read from the shared-memory buffer at byte offset sm
+    (`_smem_row`) instead of loaded, by the walk forward and again by the walk back."""
     kept = ()
     ys = ()
     n_idx = tl.arange(0, N)
+    if SMEM_ROWS:
+        base = _smem_base(sm, n_idx, h)
     if PREFETCH_BC:
         Bt_next = tl.load(row_b + n_idx)
         Ct_next = tl.load(row_c + n_idx)
     for t in tl.static_range(STEP):
         if PREFETCH_BC:
             # B and C of position t were asked for one position ago: their latency hides behind this one
-            Bt = Bt_next.to(tl.float32)
-            Ct = Ct_next.to(tl.float32)
+            Bt = Bt_next.to(tl.float32)[None, :]
+            Ct = Ct_next.to(tl.float32)[None, :]
             if t + 1 < STEP:
                 Bt_next = tl.load(row_b + (t + 1) * N + n_idx)
                 Ct_next = tl.load(row_c + (t + 1) * N + n_idx)
+        elif SMEM_ROWS:
+            Bt = _smem_row(base, t, 0)
+            Ct = _smem_row(base, STEP + t, 0)
         else:
-            Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)
-            Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)
+            Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)[None, :]
+            Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)[None, :]
         a = tl.exp2(_pick_row(dt, t_idx, t, SHFL_PICK, 2) * A2)
-        h = a * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt[None, :]
+        h = a * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt
         if SUMS_AFTER:
-            ys = ys + (tl.sum(h * Ct[None, :], axis=1),)
+            ys = ys + (tl.sum(h * Ct, axis=1),)
         else:
-            y = tl.where(t_idx[None, :] == t, y + tl.sum(h * Ct[None, :], axis=1)[:, None], y)
+            y = tl.where(t_idx[None, :] == t, y + tl.sum(h * Ct, axis=1)[:, None], y)
         if WINDOW > 0:
             kept = kept + (a,)
     if WINDOW > 0:
@@ -759,13 +832,17 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N: tl.constexpr, STEP: 
         back = ()
         for k in tl.static_range(STEP - 1):
             # position t = STEP - 2 - k of the window
-            B1 = tl.load(row_b + (STEP - 1 - k) * N + n_idx).to(tl.float32)
-            Ct = tl.load(row_c + (STEP - 2 - k) * N + n_idx).to(tl.float32)
-            r = kept[STEP - 2 - k] * (r + _pick_row(dtu, t_idx, STEP - 1 - k, SHFL_PICK, 2) * B1[None, :])
-            if SUMS_AFTER:
-                back = (tl.sum(r * Ct[None, :], axis=1),) + back
+            if SMEM_ROWS:
+                B1 = _smem_row(base, STEP - 1 - k, 1)
+                Ct = _smem_row(base, 2 * STEP - 2 - k, 1)
             else:
-                y = tl.where(t_idx[None, :] == STEP - 2 - k, y + tl.sum(r * Ct[None, :], axis=1)[:, None], y)
+                B1 = tl.load(row_b + (STEP - 1 - k) * N + n_idx).to(tl.float32)[None, :]
+                Ct = tl.load(row_c + (STEP - 2 - k) * N + n_idx).to(tl.float32)[None, :]
+            r = kept[STEP - 2 - k] * (r + _pick_row(dtu, t_idx, STEP - 1 - k, SHFL_PICK, 2) * B1)
+            if SUMS_AFTER:
+                back = (tl.sum(r * Ct, axis=1),) + back
+            else:
+                y = tl.where(t_idx[None, :] == STEP - 2 - k, y + tl.sum(r * Ct, axis=1)[:, None], y)
         if SUMS_AFTER:
             both = ()
             for t in tl.static_range(STEP - 1):
@@ -785,8 +862,8 @@ def _fwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
-    SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
@@ -801,18 +878,34 @@ def _fwd_seq_kernel(
     # B and C rows are read unmasked: the launcher pads them by TB rows, and past `end` the block has
     # Δ = u = 0, so b = 0 and a = 1 there whatever B holds, and those outputs are not stored
     n_blocks = (end - start + STEP - 1) // STEP
+    if SMEM_ROWS:
+        _smem_op(_SMEM_DECL, t_idx)
+        _smem_fill(bt_row0, ct_row0, start, L + TB - 1, 0, N, STEP)
+        _smem_op(_SMEM_COMMIT, t_idx)
     if PREFETCH:
         u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, start, t_idx, offs_d, mask_d, end, b, s_ub, s_ud,
                                                        s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
     for blk in range(0, n_blocks):
         pos0 = start + blk * STEP
+        if SMEM_ROWS:
+            # the next block's B and C rows into the other buffer, then wait for this block's (every lane's)
+            # (after every lane has read the rows of the block before, which used that buffer)
+            _smem_op(_SMEM_SYNC, t_idx)
+            _smem_fill(bt_row0, ct_row0, pos0 + STEP, L + TB - 1, (blk + 1) % 2, N, STEP)
+            _smem_op(_SMEM_COMMIT, t_idx)
+            sm = _smem_wait((blk % 2) * (2 * STEP * N * 4), t_idx)
+        else:
+            sm = 0
         if PREFETCH_L1:
             # the next block's B and C rows (one 64-byte row per position) and u, Δ, z (one run of STEP
             # positions per channel) into L1 now, a block of work before they are read: B and C come
             # from L2 (every channel tile reads them), u, Δ and z from memory
             # (addresses kept inside the tensors: B and C have TB padding rows, u, Δ, z end at L - 1)
-            rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
-            _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
+            if SMEM_ROWS:
+                pass  # the rows come by cp.async
+            else:
+                rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
+                _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
             nxt = tl.minimum(pos0 + STEP, L - 1)
             _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt)
             _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt)
@@ -838,13 +931,16 @@ def _fwd_seq_kernel(
             y = tl.zeros((BLOCK_D, TB), dtype=tl.float32)
         row_b = bt_row0 + pos0.to(tl.int64) * N
         row_c = ct_row0 + pos0.to(tl.int64) * N
-        h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER, SHFL_PICK)
+        h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER, SHFL_PICK,
+                            SMEM_ROWS)
         row = offs_d[:, None]
         pos = pos0 + t_idx
         if HAS_Z:
             z = tl.load(z_ptr + b * s_zb + row * s_zd + pos[None, :], mask=mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + b * s_ob + row * s_od + pos[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SMEM_ROWS:
+        _smem_op(_SMEM_WAIT_ALL, t_idx)
     if SAVE_LAST:
         if seg == n_seg - 1:
             lp = last_ptr + b * DIM * N + offs_d[:, None] * N + n_idx[None, :]
@@ -1412,6 +1508,8 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
     # (4-wide rows, as the backward uses, measured slower here: kernels/NOTES.md)
     block_d = (override or {}).get("BLOCK_D", 32 * num_warps * 8 // max(8, tb))
     block_d = _fit_channels(block_d, dim, groups)
+    shfl_tiles = not _interpreting() and block_d == 16 and tb == 16 and step == 16 and num_warps == 1
+    smem = bool((override or {}).get("SMEM_ROWS", True)) and shfl_tiles
     return dict(BLOCK_D=block_d, TB=tb, STEP=step, SAVE_EVERY=chunk // step, num_warps=num_warps,
                 SEG=(override or {}).get("SEG"),
                 # measured on an H200 at B1 D1024 N16 L131072 (kernels/NOTES.md): the u/Δ prefetch pays for LB
@@ -1429,8 +1527,16 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 # for (`_fwd_seq` also checks the compiled layout; state 16 there). Measured on an H200 at B1 D1024
                 # N16 L131072 bf16 (kernels/NOTES.md, session 12): plain forward 1.31 -> 1.23 ms; LB 16 1.53 ->
                 # 1.56, so off there by default
-                SHFL_PICK=bool((override or {}).get("SHFL_PICK", not window)) and not _interpreting() and block_d == 16
-                and tb == 16 and step == 16 and num_warps == 1,
+                # 1.56, so off there by default; and off where the rows come from shared memory (below): plain forward
+                # 0.985 against 1.067 ms with the picks by shuffle (session 14)
+                SHFL_PICK=bool((override or {}).get("SHFL_PICK", not window and not smem)) and shfl_tiles,
+                # the same where the rows do not come from shared memory after all (`_fwd_seq`: bf16 rows, say)
+                SHFL_PICK_ALONE=bool((override or {}).get("SHFL_PICK", not window)) and shfl_tiles,
+                # the B and C rows staged in shared memory by cp.async a block ahead and read from there by both walks
+                # (`_smem_fill`, `_smem_row`; inline PTX: not in the interpreter). `_fwd_seq` also needs fp32 rows of
+                # 16 states and checks the compiled layout. H200, B1 D1024 N16 L131072 bf16 (session 14): plain forward
+                # 1.145 -> 0.985 ms (with the picks above off), LB 16 1.474 -> 1.394
+                SMEM_ROWS=smem,
                 # a register cap for ptxas (sweeps only: every cap tried made the LB forward slower)
                 maxnreg=(override or {}).get("maxnreg"))
 
@@ -1482,9 +1588,14 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
         *(hs.stride() if save_states else (0, 0, 0, 0)),
     )
+    # B and C rows staged in shared memory: fp32 rows of 16 states (64 bytes) only
+    smem_rows = sc["SMEM_ROWS"] and Np == 16 and Bt.dtype == torch.float32
     consts = dict(
-        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"], PREFETCH_BC=sc["PREFETCH_BC"],
-        PREFETCH_L1=sc["PREFETCH_L1"], SUMS_AFTER=sc["SUMS_AFTER"], SHFL_PICK=sc["SHFL_PICK"] and Np == 16,
+        **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"],
+        PREFETCH_BC=sc["PREFETCH_BC"] and not smem_rows,
+        PREFETCH_L1=sc["PREFETCH_L1"], SUMS_AFTER=sc["SUMS_AFTER"],
+        SHFL_PICK=sc["SHFL_PICK" if smem_rows else "SHFL_PICK_ALONE"] and Np == 16,
+        SMEM_ROWS=smem_rows,
         HAS_D=D is not None, HAS_Z=z is not None, **flags,
         SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
         **({"maxnreg": sc["maxnreg"]} if sc["maxnreg"] else {}),
@@ -1492,6 +1603,9 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     grid = (d_tiles, batch, n_seg)
     if consts["SHFL_PICK"] and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid, FWD_SHFL_LAYOUT):
         consts.update(SHFL_PICK=False)
+    if consts["SMEM_ROWS"] and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid, FWD_SHFL_LAYOUT, "ld.volatile.shared"):
+        # the same layout as the shuffles' (FWD_SHFL_LAYOUT): those cannot run either
+        consts.update(SMEM_ROWS=False, PREFETCH_BC=sc["PREFETCH_BC"], SHFL_PICK=False)
     kern = _fwd_seq_kernel[grid](*args, **consts)
     _note_kernel("fwd_seq_lb" if window else "fwd_seq", kern)
     return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), scan_cfg
@@ -1604,12 +1718,13 @@ FWD_SHFL_LAYOUT = "sizePerThread = [1, 8], threadsPerWarp = [16, 2], warpsPerCTA
 _SHUFFLES_CHECKED: dict = {}
 
 
-def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT) -> bool:
-    """Whether a compiled kernel has PTX shuffles and every one of them works on tensors of `layout`
-    (Triton chooses layouts from the loads' alignment: a row stride not a multiple of 16 elements, say,
-    gives another one, where the shuffles would read the wrong lanes)."""
+def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT, marker: str = "shfl.sync") -> bool:
+    """Whether a compiled kernel has PTX shuffles (inline assembly containing `marker`; the shared-memory
+    row reads with "ld.volatile.shared") and every one of them works on tensors of `layout` (Triton
+    chooses layouts from the loads' alignment: a row stride not a multiple of 16 elements, say, gives
+    another one, where the shuffles would read the wrong lanes)."""
     blocked = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", ttgir, re.M))
-    shuffles = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line and "shfl.sync" in line]
+    shuffles = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line and marker in line]
     return bool(shuffles) and all(
         blocked.get(alias) == layout for line in shuffles for alias in re.findall(r"tensor<[0-9x]+x[fi]32, (#\w+)>", line))
 
@@ -1622,12 +1737,13 @@ def _specialization(args: tuple, consts: dict) -> tuple:
     return key + tuple(sorted(consts.items()))
 
 
-def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str) -> bool:
-    """Whether `kernel`, launched with these arguments, has its PTX shuffles on tiles of `layout`: compiled
-    without launching and read once per specialization (`_specialization`)."""
-    key = (kernel.fn.__name__,) + _specialization(args, consts)
+def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str, marker: str = "shfl.sync") -> bool:
+    """Whether `kernel`, launched with these arguments, has its PTX shuffles (or other assembly with `marker`)
+    on tiles of `layout`: compiled without launching and read once per specialization (`_specialization`)."""
+    key = (kernel.fn.__name__, marker) + _specialization(args, consts)
     if key not in _SHUFFLES_CHECKED:
-        _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(kernel.warmup(*args, grid=grid, **consts).asm["ttgir"], layout)
+        _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(kernel.warmup(*args, grid=grid, **consts).asm["ttgir"], layout,
+                                                     marker)
     return _SHUFFLES_CHECKED[key]
 
 

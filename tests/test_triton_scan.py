@@ -465,22 +465,29 @@ def ttgir(shfl):
     return compiled_ttgir(ks._bwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"})
 
 
-def fwd_ttgir(window):
-    # the forward at its GPU defaults, PTX picks on (plain, and LB window 16)
+def fwd_ttgir(window, smem=False):
+    # the forward at its GPU tiles, PTX picks on (plain, and LB window 16), or the rows from shared memory
     consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
-                  PREFETCH_BC=not window, PREFETCH_L1=True, SUMS_AFTER=True, SHFL_PICK=True,
-                  HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True, SAVE_LAST=False)
+                  PREFETCH_BC=not window and not smem, PREFETCH_L1=True, SUMS_AFTER=True, SHFL_PICK=not smem,
+                  SMEM_ROWS=smem, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True,
+                  SAVE_LAST=False)
     return compiled_ttgir(ks._fwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"})
 
 
 with_shfl = ttgir(True)
 fwd = fwd_ttgir(0)
+smem = {w: fwd_ttgir(w, smem=True) for w in (0, 16)}
 json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWarp = [8, 4]" in with_shfl,
            "other_layout_ok": ks._shuffle_layouts_ok(with_shfl.replace("threadsPerWarp = [8, 4]", "threadsPerWarp = [16, 2]")),
            "no_shuffles_ok": ks._shuffle_layouts_ok(ttgir(False)),
            "fwd_ok": ks._shuffle_layouts_ok(fwd, ks.FWD_SHFL_LAYOUT),
            "fwd_lb_ok": ks._shuffle_layouts_ok(fwd_ttgir(16), ks.FWD_SHFL_LAYOUT),
-           "fwd_as_bwd_ok": ks._shuffle_layouts_ok(fwd)}, sys.stdout)
+           "fwd_as_bwd_ok": ks._shuffle_layouts_ok(fwd),
+           "smem_ok": [ks._shuffle_layouts_ok(smem[w], ks.FWD_SHFL_LAYOUT, "ld.volatile.shared") for w in (0, 16)],
+           "smem_other_layout_ok": ks._shuffle_layouts_ok(smem[16].replace("threadsPerWarp = [16, 2]",
+                                                                            "threadsPerWarp = [8, 4]"),
+                                                          ks.FWD_SHFL_LAYOUT, "ld.volatile.shared"),
+           "smem_reads": [t.count("ld.volatile.shared") for t in (smem[0], smem[16], fwd)]}, sys.stdout)
 """
 
 
@@ -499,8 +506,11 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
     run = subprocess.run([sys.executable, "-c", _COMPILE_SEQ_KERNELS], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout)
+    # the rows read from shared memory: both walks of LB read them (16 + 16 rows forward, 15 + 15 back), each
+    # read its own assembly (merged reads would keep the rows in registers again), none without SMEM_ROWS
     assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False,
-                    "fwd_ok": True, "fwd_lb_ok": True, "fwd_as_bwd_ok": False}, seen
+                    "fwd_ok": True, "fwd_lb_ok": True, "fwd_as_bwd_ok": False, "smem_ok": [True, True],
+                    "smem_other_layout_ok": False, "smem_reads": [32, 62, 0]}, seen
     # what the check is keyed on: a launch whose rows are not 16-byte aligned is another specialization
     x, y = torch.zeros(32), torch.zeros(33)
     consts = {"SHFL": True}
@@ -578,6 +588,36 @@ def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, dtype, length, mo
     assert _rel(out_fast, out_tl) < tol[args["u"].dtype]
     for k in g_tl:
         assert _rel(g_fast[k], g_tl[k]) < tol[args[k].dtype], k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 16)])
+@pytest.mark.parametrize("batch,length,groups,dtype", [(2, 3008, None, torch.bfloat16), (1, 4096, None, torch.bfloat16),
+                                                       (3, 1008, 2, torch.bfloat16), (2, 3001, None, torch.bfloat16),
+                                                       (2, 3008, None, torch.float32)])
+def test_gpu_shared_memory_rows_match_loaded_rows(direction, window, batch, length, groups, dtype, monkeypatch):
+    # the forward's B and C rows staged in shared memory by cp.async (inline PTX, written for one tile layout:
+    # a wrong layout reads other states' values, errors of order 1) against the rows loaded into registers:
+    # output, and the gradients of the backward that starts from the states this forward saved. Several
+    # segments (the first block's rows are fetched before the loop, the last block's next rows clamped), groups,
+    # a batch. The layout check must let it run where the rows are 16-byte aligned with 16-bit inputs, and
+    # refuse it otherwise (odd length, fp32 inputs), falling back to the loads.
+    args = _inputs(batch, 96, length, 16, groups=groups, dtype=dtype, device="cuda")
+    results = []
+    for smem in (True, False):
+        assert ks._seq_config(96, groups or 1, window, 16, {"SMEM_ROWS": smem})["SMEM_ROWS"] is smem
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"SMEM_ROWS": smem, "SEG": 7}})
+        ks._SHUFFLES_CHECKED.clear()
+        results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
+                            window=window))
+        if smem:
+            used = [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[1] == "ld.volatile.shared"]
+    assert used and all(ok is (length % 16 == 0 and dtype == torch.bfloat16) for ok in used), used
+    (out_smem, g_smem), (out_ld, g_ld) = results
+    tol = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
+    assert _rel(out_smem, out_ld) < tol[dtype]
+    for k in g_ld:
+        assert _rel(g_smem[k], g_ld[k]) < tol[args[k].dtype], k
 
 
 @pytest.mark.gpu
