@@ -499,7 +499,9 @@ def _bwd_kernel(
 # block of TB positions as one (BLOCK_D, TB) tile, which Triton lays out with each thread holding its
 # channel's row (16-byte vectors), so picking position t out of it is a register move. B and C are
 # read one position at a time as a row of `state` values from transposed copies (batch, groups,
-# length, state), the same row for every channel of the tile.
+# length, state), the same row for every channel of the tile; on a GPU at the default tiles each
+# block's rows are first copied into shared memory a block ahead (`SMEM_ROWS`), so they take no
+# registers between the walks.
 #
 # Local bidirectionality: a block is one window. The walk forward keeps each position's a (a tuple
 # of tiles, so registers, not memory), then a walk back over the window gives r_t = a_t (r_{t+1} +
