@@ -564,11 +564,12 @@ _SMEM_SYNC = tl.constexpr("bar.warp.sync -1;\n\tmov.u32 $0, $1;")
 _SMEM_WAIT_ALL = tl.constexpr("cp.async.wait_group 0;\n\tmov.u32 $0, $1;")
 # pure (so the layout pass leaves no dead copies), one text per walk: identical reads of the walk forward and
 # the walk back would be merged, and the rows kept in registers, the thing this avoids
-# pure (so the layout pass leaves no dead copies), one text per walk: identical reads of the walk forward and
-# the walk back would be merged, and the rows kept in registers, the thing this avoids. Row r at [base + 64·r].
+# pure (so the layout pass leaves no dead copies), one text per walk (3 in the backward): identical reads of
+# the walk forward and the walk back would be merged, and the rows kept in registers, the thing this avoids.
+# Row r at [base + 64·r].
 _SMEM_ROW = tl.constexpr(tuple("{ .reg .u32 a; mov.u32 a, wsm_bc_rows; add.u32 a, a, $4; "
                                "ld.volatile.shared.v4.f32 {$0, $1, $2, $3}, [a+%d]; } // walk %d" % (64 * r, w)
-                               for w in range(2) for r in range(32)))
+                               for w in range(3) for r in range(32)))
 
 
 @triton.jit
@@ -1053,7 +1054,7 @@ def _bwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
     SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr, PREFETCH_L1: tl.constexpr, PF: tl.constexpr,
-    SCATTER: tl.constexpr, SHFL: tl.constexpr,
+    SCATTER: tl.constexpr, SHFL: tl.constexpr, SMEM_ROWS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
@@ -1072,15 +1073,31 @@ def _bwd_seq_kernel(
     if PREFETCH_L1:
         pf_idx = tl.arange(0, 2 * PF)
         crow = tl.minimum(offs_d, DIM - 1)
+    if SMEM_ROWS:
+        # B and C rows in shared memory (as in the forward, `_smem_fill`): the last block's now, then each
+        # block's predecessor (walked next) while the block is worked on
+        bt_row0 = Bt_ptr + b * s_Bb + g * s_Bg
+        ct_row0 = Ct_ptr + b * s_Cb + g * s_Cg
+        _smem_op(_SMEM_DECL, t_idx)
+        _smem_fill(bt_row0, ct_row0, start + (n_blocks - 1) * STEP, L + STEP - 1, 0, N, STEP)
+        _smem_op(_SMEM_COMMIT, t_idx)
     for i in range(0, n_blocks):
         pos0 = start + (n_blocks - 1 - i) * STEP
         blk_end = tl.minimum(pos0 + STEP, end)
+        if SMEM_ROWS:
+            _smem_op(_SMEM_SYNC, t_idx)
+            _smem_fill(bt_row0, ct_row0, tl.maximum(pos0 - STEP, 0), L + STEP - 1, (i + 1) % 2, N, STEP)
+            _smem_op(_SMEM_COMMIT, t_idx)
+            sm = _smem_wait((i % 2) * (2 * STEP * N * 4), t_idx)
         if PREFETCH_L1:
             # the block before (walked next) into L1 while this one is worked on: its saved state, B and C
             # rows, and u, Δ, dout, z (addresses kept inside the tensors: at the first block, position 0)
             prv = tl.maximum(pos0 - STEP, 0)
-            rows = (prv + pf_idx % PF).to(tl.int64) * N
-            _prefetch(tl.where(pf_idx < PF, Bt_ptr + b * s_Bb + g * s_Bg + rows, Ct_ptr + b * s_Cb + g * s_Cg + rows))
+            if SMEM_ROWS:
+                pass  # the rows come by cp.async
+            else:
+                rows = (prv + pf_idx % PF).to(tl.int64) * N
+                _prefetch(tl.where(pf_idx < PF, Bt_ptr + b * s_Bb + g * s_Bg + rows, Ct_ptr + b * s_Cb + g * s_Cg + rows))
             _prefetch(hs_ptr + b * s_hb + crow * s_hd + (prv // STEP) * s_hc)
             _prefetch(u_ptr + b * s_ub + crow * s_ud + prv)
             _prefetch(dt_ptr + b * s_tb + crow * s_td + prv)
@@ -1104,11 +1121,21 @@ def _bwd_seq_kernel(
                 dtu = dt * u
                 row_b = base_b + pw.to(tl.int64) * N
                 row_c = base_c + pw.to(tl.int64) * N
+                if SMEM_ROWS:
+                    sbase = _smem_base(sm + j2 * (SUB * N * 4), n_idx, A2)
                 for t in tl.static_range(SUB):
                     a = tl.exp2(_pick_row(dt, t_idx, t, SHFL) * A2)
-                    h = a * h + _pick_row(dtu, t_idx, t, SHFL) * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                    if SMEM_ROWS:
+                        Bw = _smem_row(sbase, t, 0)
+                    else:
+                        Bw = tl.load(row_b + t * N).to(tl.float32)[None, :]
+                    h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
                     if WINDOW > 0:
-                        mu = _pick_row(dy, t_idx, t, SHFL) * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                        if SMEM_ROWS:
+                            Cw = _smem_row(sbase, STEP + t, 0)
+                        else:
+                            Cw = tl.load(row_c + t * N).to(tl.float32)[None, :]
+                        mu = _pick_row(dy, t_idx, t, SHFL) * Cw + a_prev * mu
                         a_prev = a
             # the sub-block itself: walk forward keeping h_t (and μ_t), then back
             dt, _, u, dy, _, _ = _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, ps, t_idx, offs_d, mask_d, blk_end, b,
@@ -1116,15 +1143,25 @@ def _bwd_seq_kernel(
             dtu = dt * u
             row_b = base_b + ps.to(tl.int64) * N
             row_c = base_c + ps.to(tl.int64) * N
+            if SMEM_ROWS:
+                sbase = _smem_base(sm + (NSUB - 1 - jj) * (SUB * N * 4), n_idx, A2)
             h_in = h  # the state entering the sub-block: h_{t-1} of its first position
             hist = ()
             mus = ()
             for t in tl.static_range(SUB):
                 a = tl.exp2(_pick_row(dt, t_idx, t, SHFL) * A2)
-                h = a * h + _pick_row(dtu, t_idx, t, SHFL) * tl.load(row_b + t * N).to(tl.float32)[None, :]
+                if SMEM_ROWS:
+                    Bw = _smem_row(sbase, t, 1)
+                else:
+                    Bw = tl.load(row_b + t * N).to(tl.float32)[None, :]
+                h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
                 hist = hist + (h,)
                 if WINDOW > 0:
-                    mu = _pick_row(dy, t_idx, t, SHFL) * tl.load(row_c + t * N).to(tl.float32)[None, :] + a_prev * mu
+                    if SMEM_ROWS:
+                        Cw = _smem_row(sbase, STEP + t, 1)
+                    else:
+                        Cw = tl.load(row_c + t * N).to(tl.float32)[None, :]
+                    mu = _pick_row(dy, t_idx, t, SHFL) * Cw + a_prev * mu
                     mus = mus + (mu,)
                     a_prev = a
             sb_t = tl.zeros((BLOCK_D, TB), dtype=tl.float32)  # Σ_n dbx·B per position
@@ -1142,8 +1179,12 @@ def _bwd_seq_kernel(
                 dt_c = _pick_row(dt, t_idx, SUB - 1 - k, SHFL)
                 dtu_c = _pick_row(dtu, t_idx, SUB - 1 - k, SHFL)
                 dy_c = _pick_row(dy, t_idx, SUB - 1 - k, SHFL)
-                Bt = tl.load(row_b + (SUB - 1 - k) * N).to(tl.float32)[None, :]
-                Ct = tl.load(row_c + (SUB - 1 - k) * N).to(tl.float32)[None, :]
+                if SMEM_ROWS:
+                    Bt = _smem_row(sbase, SUB - 1 - k, 2)
+                    Ct = _smem_row(sbase, STEP + SUB - 1 - k, 2)
+                else:
+                    Bt = tl.load(row_b + (SUB - 1 - k) * N).to(tl.float32)[None, :]
+                    Ct = tl.load(row_c + (SUB - 1 - k) * N).to(tl.float32)[None, :]
                 dH = dy_c * Ct
                 lam = dH + rho
                 a = tl.exp2(dt_c * A2)
@@ -1227,6 +1268,8 @@ def _bwd_seq_kernel(
             roff = rpos.to(tl.int64)[:, None] * N + n_idx[None, :]
             tl.atomic_add(dBt_ptr + b * s_Bb + g * s_Bg + roff, dB_rows, mask=rmask, sem="relaxed")
             tl.atomic_add(dCt_ptr + b * s_Cb + g * s_Cg + roff, dC_rows, mask=rmask, sem="relaxed")
+    if SMEM_ROWS:
+        _smem_op(_SMEM_WAIT_ALL, t_idx)
     _add_channel_grads(dA_ptr, dD_ptr, dbias_ptr, offs_d, mask_d, n_idx, dA_acc, dD_acc, dbias_acc, N, HAS_D, HAS_BIAS)
 
 
@@ -1488,8 +1531,12 @@ def _bwd_seq_config(dim: int, groups: int, Np: int, window: int | None, override
     # `tl.gather` it goes via shared memory and is slower (9.3 against 6.2 ms, kernels/NOTES.md); in the
     # interpreter, where that does not matter, with `tl.gather`, so that its logic is tested on the CPU
     scatter = bool(override.get("SCATTER", True)) and block_d == 8 and sub <= 8 and (shfl or _interpreting())
+    # B and C rows staged in shared memory, as in the forward (`_smem_fill`): the same tiles as the shuffles,
+    # blocks of 16; `_bwd_seq` also needs fp32 rows and checks the compiled layout
+    smem = (bool(override.get("SMEM_ROWS", True)) and not _interpreting() and block_d == 8 and Np == 16 and tb == 16
+            and step == 16 and vec == 4 and num_warps == 1 and sub <= 8)
     return dict(BLOCK_D=block_d, STEP=step, SUB=sub, TB=tb, VEC=vec, num_warps=num_warps, SEG=override.get("SEG"),
-                SCATTER=scatter, SHFL=shfl,
+                SCATTER=scatter, SHFL=shfl, SMEM_ROWS=smem,
                 maxnreg=override.get("maxnreg"), WARPS_PER_SM=int(override.get("WARPS_PER_SM", BWD_SEQ_WARPS_PER_SM)),
                 # the block walked next asked into L1 a block ahead (inline PTX: not in the interpreter)
                 PREFETCH_L1=bool(override.get("PREFETCH_L1", True)) and not _interpreting())
@@ -1792,13 +1839,16 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     consts = dict(
         N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=max(2, triton.next_power_of_2(sc["SUB"])),  # a 1-row tile trips the interpreter
         WINDOW=int(window or 0), VEC=sc["VEC"], PREFETCH_L1=sc["PREFETCH_L1"], PF=triton.next_power_of_2(step),
-        SCATTER=sc["SCATTER"], SHFL=sc["SHFL"], HAS_D=D is not None, **flags, num_warps=nw,
+        SCATTER=sc["SCATTER"], SHFL=sc["SHFL"], SMEM_ROWS=sc["SMEM_ROWS"] and Bt.dtype == torch.float32,
+        HAS_D=D is not None, **flags, num_warps=nw,
         **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
     grid = (d_tiles, batch, n_seg)
     if consts["SHFL"] and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid, BWD_SHFL_LAYOUT):
         # the `tl` path (the reduce-scatter needs the shuffles)
         consts.update(SHFL=False, SCATTER=False)
+    if consts["SMEM_ROWS"] and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid, BWD_SHFL_LAYOUT, "ld.volatile.shared"):
+        consts.update(SMEM_ROWS=False)
     kern = _bwd_seq_kernel[grid](*args, **consts)
     _note_kernel("bwd_seq", kern)
     dB = dBt[:, :, :L].transpose(2, 3)

@@ -458,10 +458,10 @@ def compiled_ttgir(fn, consts, bf16):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
 
 
-def ttgir(shfl):
-    # the backward at its GPU defaults: bf16 inputs, state 16, LB window 16
+def ttgir(shfl, smem=False):
+    # the backward at its GPU tiles: bf16 inputs, state 16, LB window 16
     consts = dict(N=16, BLOCK_D=8, TB=16, STEP=16, SUB=8, SUBP=8, WINDOW=16, VEC=4, PREFETCH_L1=True, PF=16,
-                  SCATTER=shfl, SHFL=shfl, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+                  SCATTER=shfl, SHFL=shfl, SMEM_ROWS=smem, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     return compiled_ttgir(ks._bwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"})
 
 
@@ -477,6 +477,7 @@ def fwd_ttgir(window, smem=False):
 with_shfl = ttgir(True)
 fwd = fwd_ttgir(0)
 smem = {w: fwd_ttgir(w, smem=True) for w in (0, 16)}
+bwd_smem = ttgir(True, smem=True)
 json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWarp = [8, 4]" in with_shfl,
            "other_layout_ok": ks._shuffle_layouts_ok(with_shfl.replace("threadsPerWarp = [8, 4]", "threadsPerWarp = [16, 2]")),
            "no_shuffles_ok": ks._shuffle_layouts_ok(ttgir(False)),
@@ -487,7 +488,9 @@ json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWa
            "smem_other_layout_ok": ks._shuffle_layouts_ok(smem[16].replace("threadsPerWarp = [16, 2]",
                                                                             "threadsPerWarp = [8, 4]"),
                                                           ks.FWD_SHFL_LAYOUT, "ld.volatile.shared"),
-           "smem_reads": [t.count("ld.volatile.shared") for t in (smem[0], smem[16], fwd)]}, sys.stdout)
+           "smem_reads": [t.count("ld.volatile.shared") for t in (smem[0], smem[16], fwd)],
+           "bwd_smem_ok": ks._shuffle_layouts_ok(bwd_smem, ks.BWD_SHFL_LAYOUT, "ld.volatile.shared"),
+           "bwd_smem_reads": [t.count("ld.volatile.shared") for t in (bwd_smem, with_shfl)]}, sys.stdout)
 """
 
 
@@ -507,10 +510,12 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout)
     # the rows read from shared memory: both walks of LB read them (16 + 16 rows forward, 15 + 15 back), each
-    # read its own assembly (merged reads would keep the rows in registers again), none without SMEM_ROWS
+    # read its own assembly (merged reads would keep the rows in registers again), none without SMEM_ROWS; the
+    # LB backward reads B and C of 8 positions in each of its three walks (to the sub-block, the sub-block, back)
     assert seen == {"ok": True, "layout_seen": True, "other_layout_ok": False, "no_shuffles_ok": False,
                     "fwd_ok": True, "fwd_lb_ok": True, "fwd_as_bwd_ok": False, "smem_ok": [True, True],
-                    "smem_other_layout_ok": False, "smem_reads": [32, 62, 0]}, seen
+                    "smem_other_layout_ok": False, "smem_reads": [32, 62, 0], "bwd_smem_ok": True,
+                    "bwd_smem_reads": [48, 0]}, seen
     # what the check is keyed on: a launch whose rows are not 16-byte aligned is another specialization
     x, y = torch.zeros(32), torch.zeros(33)
     consts = {"SHFL": True}
@@ -596,23 +601,33 @@ def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, dtype, length, mo
                                                        (3, 1008, 2, torch.bfloat16), (2, 3001, None, torch.bfloat16),
                                                        (2, 3008, None, torch.float32)])
 def test_gpu_shared_memory_rows_match_loaded_rows(direction, window, batch, length, groups, dtype, monkeypatch):
-    # the forward's B and C rows staged in shared memory by cp.async (inline PTX, written for one tile layout:
-    # a wrong layout reads other states' values, errors of order 1) against the rows loaded into registers:
-    # output, and the gradients of the backward that starts from the states this forward saved. Several
+    # the forward's and the backward's B and C rows staged in shared memory by cp.async (inline PTX, written
+    # for one tile layout: a wrong layout reads other states' values, errors of order 1) against the rows
+    # loaded into registers: output, and the gradients (the backward starts from the states the forward
+    # saved, so both kernels are compared, each with its rows from shared memory or loaded). Several
     # segments (the first block's rows are fetched before the loop, the last block's next rows clamped), groups,
-    # a batch. The layout check must let it run where the rows are 16-byte aligned with 16-bit inputs, and
-    # refuse it otherwise (odd length, fp32 inputs), falling back to the loads.
+    # a batch. The layout check must let it run where the rows are 16-byte aligned (the forward only with
+    # 16-bit inputs) and refuse the forward's with fp32 inputs, falling back to the loads.
     args = _inputs(batch, 96, length, 16, groups=groups, dtype=dtype, device="cuda")
     results = []
     for smem in (True, False):
         assert ks._seq_config(96, groups or 1, window, 16, {"SMEM_ROWS": smem})["SMEM_ROWS"] is smem
-        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"SMEM_ROWS": smem, "SEG": 7}})
+        assert ks._bwd_seq_config(96, groups or 1, 16, window, {"SMEM_ROWS": smem})["SMEM_ROWS"] is smem
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"SMEM_ROWS": smem, "SEG": 7},
+                                                  "bwd_seq": {"SMEM_ROWS": smem, "SEG": 5}})
         ks._SHUFFLES_CHECKED.clear()
         results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
                             window=window))
         if smem:
-            used = [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[1] == "ld.volatile.shared"]
-    assert used and all(ok is (length % 16 == 0 and dtype == torch.bfloat16) for ok in used), used
+            used = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[:2] == (name, "ld.volatile.shared")]
+                    for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
+    # the forward's tiles need 16-bit inputs for that layout; the backward's loads are 4-wide, any dtype (rows
+    # not 16-element aligned may or may not get it: the check decides, and the outputs are compared either way)
+    assert used["_fwd_seq_kernel"] and used["_bwd_seq_kernel"], used
+    if length % 16 == 0 or dtype == torch.float32:
+        assert all(ok is (dtype == torch.bfloat16) for ok in used["_fwd_seq_kernel"]), used
+    if length % 16 == 0:
+        assert all(used["_bwd_seq_kernel"]), used
     (out_smem, g_smem), (out_ld, g_ld) = results
     tol = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
     assert _rel(out_smem, out_ld) < tol[dtype]
