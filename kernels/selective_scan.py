@@ -20,15 +20,17 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   the saved state) to be brought into L1 a block ahead (`_prefetch`, PTX `prefetch.global.L1`): B
   and C are read by every channel tile and come from L2, and the compiler places the loads only a few
   dozen instructions before their use. A hint with no effect on results; off in the interpreter, which
-  has no inline assembly.
+  has no inline assembly. At the default tiles (state 16, fp32 B and C) B and C instead come by
+  `cp.async` into shared memory a block ahead and are read from there by every walk (`SMEM_ROWS`:
+  `_smem_fill`, `_smem_row`), so they hold no registers between the walks.
 - At its GPU defaults (state 16) the sequential backward picks a position's Δ, Δu, dy out of its tiles
   with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
   shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
   over states two positions per pair of shuffles (`_state_sum`). The plain forward picks Δ and Δu
   with one `shfl.idx` too (`_pick_row` with 2 lanes). These assume the tile layouts Triton chose
-  when they were written; `_bwd_seq` and `_fwd_seq` read the compiled kernel's layout before the
-  first launch of each specialization (`_shuffles_fit`) and use the `tl` form where it differs (fp32
-  inputs in the forward, rows not aligned to 16 bytes).
+  when they were written, as do the shared-memory row reads; `_bwd_seq` and `_fwd_seq` read the
+  compiled kernel's layout before the first launch of each specialization (`_shuffles_fit`) and use
+  the `tl` form and loads where it differs (fp32 inputs in the forward, rows not aligned to 16 bytes).
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
@@ -1486,7 +1488,8 @@ def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, s
         out, hs, last, scan_cfg = _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states,
                                            save_last, cfg=cfg, seq_override=seq_override,
                                            save_every=bwd_seq["STEP"] if bwd_seq is not None else None)
-        return out, hs, last, ({**bwd_seq, "bwd": "seq"} if bwd_seq is not None else {**scan_cfg, "bwd": "scan"})
+        rows = scan_cfg.pop("rows")
+        return out, hs, last, ({**bwd_seq, "bwd": "seq", "rows": rows} if bwd_seq is not None else {**scan_cfg, "bwd": "scan"})
     out, hs, last, scan_cfg = _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
                                         cfg=cfg)
     return out, hs, last, {**scan_cfg, "bwd": "scan"}
@@ -1650,14 +1653,15 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         **({"maxnreg": sc["maxnreg"]} if sc["maxnreg"] else {}),
     )
     grid = (d_tiles, batch, n_seg)
-    if consts["SHFL_PICK"] and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid, FWD_SHFL_LAYOUT):
-        consts.update(SHFL_PICK=False)
-    if consts["SMEM_ROWS"] and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid, FWD_SHFL_LAYOUT, "ld.volatile.shared"):
-        # the same layout as the shuffles' (FWD_SHFL_LAYOUT): those cannot run either
-        consts.update(SMEM_ROWS=False, PREFETCH_BC=sc["PREFETCH_BC"], SHFL_PICK=False)
+    if (consts["SHFL_PICK"] or consts["SMEM_ROWS"]) and not _shuffles_fit(_fwd_seq_kernel, args, consts, grid,
+                                                                         FWD_SHFL_LAYOUT):
+        # both are written for FWD_SHFL_LAYOUT: neither runs on another
+        consts.update(SHFL_PICK=False, SMEM_ROWS=False, PREFETCH_BC=sc["PREFETCH_BC"])
     kern = _fwd_seq_kernel[grid](*args, **consts)
     _note_kernel("fwd_seq_lb" if window else "fwd_seq", kern)
-    return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), scan_cfg
+    # the row copies go with the config, for the sequential backward to reuse (`_bwd_seq`: one launch and
+    # two buffers fewer; they are small beside the saved states)
+    return out, (hs if save_states else None), (last[:, :, :N] if save_last else None), {**scan_cfg, "rows": (Bt, Ct)}
 
 
 def _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
@@ -1720,10 +1724,11 @@ def _grad_buffers(u, delta, z, D, delta_bias, softplus, Np, n_seg, b_shape, c_sh
             dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus)))
 
 
-def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None):
-    """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks or blocks index `hs`)."""
+def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None, rows=None):
+    """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks or blocks index `hs`);
+    `rows`: the sequential forward's B and C row copies, if it kept them."""
     if fwd_cfg["bwd"] == "seq":
-        return _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg)
+        return _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, rows=rows)
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     Np = hs.shape[2]
@@ -1767,13 +1772,18 @@ FWD_SHFL_LAYOUT = "sizePerThread = [1, 8], threadsPerWarp = [16, 2], warpsPerCTA
 _SHUFFLES_CHECKED: dict = {}
 
 
-def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT, marker: str = "shfl.sync") -> bool:
-    """Whether a compiled kernel has PTX shuffles (inline assembly containing `marker`; the shared-memory
-    row reads with "ld.volatile.shared") and every one of them works on tensors of `layout` (Triton
-    chooses layouts from the loads' alignment: a row stride not a multiple of 16 elements, say, gives
-    another one, where the shuffles would read the wrong lanes)."""
+# What marks the inline assembly written for one tile layout: the PTX shuffles, and the shared-memory row reads
+LAYOUT_ASM = ("shfl.sync", "ld.volatile.shared")
+
+
+def _shuffle_layouts_ok(ttgir: str, layout: str = BWD_SHFL_LAYOUT, markers: tuple = ("shfl.sync",)) -> bool:
+    """Whether a compiled kernel has PTX shuffles (inline assembly containing one of `markers`; the
+    shared-memory row reads too, with `LAYOUT_ASM`) and every one of them works on tensors of `layout`
+    (Triton chooses layouts from the loads' alignment: a row stride not a multiple of 16 elements, say,
+    gives another one, where the shuffles would read the wrong lanes)."""
     blocked = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", ttgir, re.M))
-    shuffles = [line for line in ttgir.splitlines() if "tt.elementwise_inline_asm" in line and marker in line]
+    shuffles = [line for line in ttgir.splitlines()
+                if "tt.elementwise_inline_asm" in line and any(m in line for m in markers)]
     return bool(shuffles) and all(
         blocked.get(alias) == layout for line in shuffles for alias in re.findall(r"tensor<[0-9x]+x[fi]32, (#\w+)>", line))
 
@@ -1786,18 +1796,20 @@ def _specialization(args: tuple, consts: dict) -> tuple:
     return key + tuple(sorted(consts.items()))
 
 
-def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str, marker: str = "shfl.sync") -> bool:
-    """Whether `kernel`, launched with these arguments, has its PTX shuffles (or other assembly with `marker`)
-    on tiles of `layout`: compiled without launching and read once per specialization (`_specialization`)."""
-    key = (kernel.fn.__name__, marker) + _specialization(args, consts)
+def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str) -> bool:
+    """Whether `kernel`, launched with these arguments, has its layout-bound assembly (PTX shuffles, shared-memory
+    row reads: `LAYOUT_ASM`) on tiles of `layout`: compiled without launching and read once per specialization
+    (`_specialization`, about 8 µs of host time per launch)."""
+    key = (kernel.fn.__name__,) + _specialization(args, consts)
     if key not in _SHUFFLES_CHECKED:
         _SHUFFLES_CHECKED[key] = _shuffle_layouts_ok(kernel.warmup(*args, grid=grid, **consts).asm["ttgir"], layout,
-                                                     marker)
+                                                     LAYOUT_ASM)
     return _SHUFFLES_CHECKED[key]
 
 
-def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc):
-    """Launch the sequential backward; `sc` is its config, whose blocks index the saved states `hs`."""
+def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc, rows=None):
+    """Launch the sequential backward; `sc` is its config, whose blocks index the saved states `hs`. `rows`:
+    the forward's (Bt, Ct) row copies, used where their zero rows past the end are as many as needed here."""
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     Np = hs.shape[2]
@@ -1815,7 +1827,11 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     # ceil(STEP / SUB) * SUB - 1 rows past the last block's start, which can be more than STEP rows past
     # the end (STEP 4, SUB 3: 6 rows). Zero rows there; a row read past the buffer was heap garbage,
     # and 0 × NaN poisoned the gradients at the sequence's end now and then.
-    Bt, Ct = _transposed_rows(B4, C4, triton.cdiv(step, sc["SUB"]) * sc["SUB"])
+    extra = triton.cdiv(step, sc["SUB"]) * sc["SUB"]
+    if rows is not None and rows[0].shape[2] - L >= extra and rows[0].shape[3] == Np:
+        Bt, Ct = rows
+    else:
+        Bt, Ct = _transposed_rows(B4, C4, extra)
     dout = _rows(dout)
     # dB and dC accumulate in the transposed (batch, groups, length, state) layout of Bt and Ct
     du, ddt, dz, dA, dBt, dCt, dD, dbias, sk, sj, zz, dzz, bias, flags = _grad_buffers(
@@ -1844,11 +1860,10 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
         **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
     grid = (d_tiles, batch, n_seg)
-    if consts["SHFL"] and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid, BWD_SHFL_LAYOUT):
-        # the `tl` path (the reduce-scatter needs the shuffles)
-        consts.update(SHFL=False, SCATTER=False)
-    if consts["SMEM_ROWS"] and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid, BWD_SHFL_LAYOUT, "ld.volatile.shared"):
-        consts.update(SMEM_ROWS=False)
+    if (consts["SHFL"] or consts["SMEM_ROWS"]) and not _shuffles_fit(_bwd_seq_kernel, args, consts, grid,
+                                                                     BWD_SHFL_LAYOUT):
+        # the `tl` path, loads (the reduce-scatter needs the shuffles; all three are written for BWD_SHFL_LAYOUT)
+        consts.update(SHFL=False, SCATTER=False, SMEM_ROWS=False)
     kern = _bwd_seq_kernel[grid](*args, **consts)
     _note_kernel("bwd_seq", kern)
     dB = dBt[:, :, :L].transpose(2, 3)
@@ -1870,8 +1885,9 @@ class _ScanFn(torch.autograd.Function):
         tiles = TILE_OVERRIDE or {}
         out, hs, last, cfg = _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, need_grad, return_last_state,
                                   cfg=tiles.get("fwd"))
+        rows = cfg.pop("rows", None)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, hs)
+            ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, hs, *(rows or ()))
         ctx.cfg = cfg
         ctx.softplus, ctx.window, ctx.B3, ctx.C3 = softplus, window, B3, C3
         ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
@@ -1882,9 +1898,9 @@ class _ScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        u, delta, A, B4, C4, D, z, delta_bias, hs = ctx.saved_tensors
+        u, delta, A, B4, C4, D, z, delta_bias, hs, *rows = ctx.saved_tensors
         du, ddt, dA, dB, dC, dD, dz, dbias = _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ctx.window, hs, ctx.cfg,
-                                                   cfg=(TILE_OVERRIDE or {}).get("bwd"))
+                                                   cfg=(TILE_OVERRIDE or {}).get("bwd"), rows=tuple(rows) or None)
         dB = dB.to(ctx.B_dtype)
         dC = dC.to(ctx.C_dtype)
         if ctx.B3:

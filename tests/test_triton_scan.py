@@ -332,6 +332,21 @@ def test_segment_count_keeps_programs_in_the_warps_asked(programs, num_warps, ch
     assert cps * n_seg >= chunks > cps * (n_seg - 1)
 
 
+@pytest.mark.parametrize("direction,window,bwd,copies", [("forward", None, {"TB": 16, "SUB": 8, "SEG": 2}, 1),
+                                                         ("local_bidirectional", 5, {"SUB": 5, "SEG": 3}, 1),
+                                                         ("forward", None, {"TB": 16, "SUB": 5, "SEG": 2}, 2)])
+def test_backward_reuses_the_forward_row_copies(direction, window, bwd, copies, monkeypatch):
+    """The sequential backward reads B and C rows from the forward's transposed copies when their zero rows
+    past the end cover its sub-blocks (one copy per step), and makes its own when they do not (blocks of 16
+    in sub-blocks of 5 read 4 rows past a 16-row pad): the reference's gradients either way."""
+    made = []
+    rows = ks._transposed_rows
+    monkeypatch.setattr(ks, "_transposed_rows", lambda *a, **k: made.append(a[2]) or rows(*a, **k))
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd})
+    _compare(_inputs(2, 6, 61, 8), 1e-5, delta_softplus=True, direction=direction, window=window)
+    assert len(made) == copies, made
+
+
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4)])
 def test_sequential_forward_feeds_the_scan_backward(direction, window, small_tiles, monkeypatch):
     # BACKWARD = "scan": the sequential forward saves states at the scan kernels' chunks instead
@@ -484,12 +499,12 @@ json.dump({"ok": ks._shuffle_layouts_ok(with_shfl), "layout_seen": "threadsPerWa
            "fwd_ok": ks._shuffle_layouts_ok(fwd, ks.FWD_SHFL_LAYOUT),
            "fwd_lb_ok": ks._shuffle_layouts_ok(fwd_ttgir(16), ks.FWD_SHFL_LAYOUT),
            "fwd_as_bwd_ok": ks._shuffle_layouts_ok(fwd),
-           "smem_ok": [ks._shuffle_layouts_ok(smem[w], ks.FWD_SHFL_LAYOUT, "ld.volatile.shared") for w in (0, 16)],
+           "smem_ok": [ks._shuffle_layouts_ok(smem[w], ks.FWD_SHFL_LAYOUT, ("ld.volatile.shared",)) for w in (0, 16)],
            "smem_other_layout_ok": ks._shuffle_layouts_ok(smem[16].replace("threadsPerWarp = [16, 2]",
                                                                             "threadsPerWarp = [8, 4]"),
-                                                          ks.FWD_SHFL_LAYOUT, "ld.volatile.shared"),
+                                                          ks.FWD_SHFL_LAYOUT, ("ld.volatile.shared",)),
            "smem_reads": [t.count("ld.volatile.shared") for t in (smem[0], smem[16], fwd)],
-           "bwd_smem_ok": ks._shuffle_layouts_ok(bwd_smem, ks.BWD_SHFL_LAYOUT, "ld.volatile.shared"),
+           "bwd_smem_ok": ks._shuffle_layouts_ok(bwd_smem, ks.BWD_SHFL_LAYOUT, ("ld.volatile.shared",)),
            "bwd_smem_reads": [t.count("ld.volatile.shared") for t in (bwd_smem, with_shfl)]}, sys.stdout)
 """
 
@@ -619,7 +634,7 @@ def test_gpu_shared_memory_rows_match_loaded_rows(direction, window, batch, leng
         results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
                             window=window))
         if smem:
-            used = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[:2] == (name, "ld.volatile.shared")]
+            used = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[0] == name]
                     for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
     # the forward's tiles need 16-bit inputs for that layout; the backward's loads are 4-wide, any dtype (rows
     # not 16-element aligned may or may not get it: the check decides, and the outputs are compared either way)
