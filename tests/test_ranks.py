@@ -112,3 +112,34 @@ def test_a_rank_keeps_working_when_the_launcher_is_gone():
     assert p._f is None
     p.patches_done(5)
     p.close()
+
+
+_TWO_INTERRUPTS = """
+import os, signal, sys, time
+from wsimamba.features import ranks
+if sys.argv[1] == "once":
+    ranks.interrupt_once()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("not interrupted")
+except KeyboardInterrupt:
+    # finishing its files, as a rank does after a Ctrl-C; the launcher's forwarded interrupt arrives now
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("cleanup finished")
+"""
+
+
+@pytest.mark.parametrize("mode", ["once", "default"])
+def test_a_rank_finishes_its_cleanup_through_a_second_interrupt(mode):
+    """A rank of `--gpus` gets Ctrl-C from the terminal and, 2 s later, again from the launcher (for ranks
+    that did not get it). With `interrupt_once` the second one does not cut the rank's cleanup short (which
+    left a `.partial` file behind); Python's default handler, for contrast, raises it there."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _TWO_INTERRUPTS, mode], capture_output=True, text=True, timeout=60)
+    if mode == "once":
+        assert r.returncode == 0 and r.stdout.strip() == "cleanup finished", (r.stdout, r.stderr)
+    else:
+        assert r.returncode != 0 and "cleanup finished" not in r.stdout and "KeyboardInterrupt" in r.stderr

@@ -234,9 +234,11 @@ def extract(
         ),
     )
     shard_t = parse_shard(shard)
-    from wsimamba.features.ranks import pipe_progress
+    from wsimamba.features.ranks import interrupt_once, pipe_progress
 
     rank_pipe = pipe_progress()  # a rank of `--gpus`: the launcher shows progress and reports
+    if rank_pipe is not None:
+        interrupt_once()
     bar = rank_pipe or _RichExtractProgress()
     t0 = time.perf_counter()
     try:
