@@ -564,8 +564,6 @@ _SMEM_COMMIT = tl.constexpr("cp.async.commit_group;\n\tmov.u32 $0, $1;")
 _SMEM_WAIT = tl.constexpr("cp.async.wait_group 1;\n\tbar.warp.sync -1;\n\tmov.u32 $0, $1;")
 _SMEM_SYNC = tl.constexpr("bar.warp.sync -1;\n\tmov.u32 $0, $1;")
 _SMEM_WAIT_ALL = tl.constexpr("cp.async.wait_group 0;\n\tmov.u32 $0, $1;")
-# pure (so the layout pass leaves no dead copies), one text per walk: identical reads of the walk forward and
-# the walk back would be merged, and the rows kept in registers, the thing this avoids
 # pure (so the layout pass leaves no dead copies), one text per walk (3 in the backward): identical reads of
 # the walk forward and the walk back would be merged, and the rows kept in registers, the thing this avoids.
 # Row r at [base + 64·r].
@@ -582,14 +580,14 @@ def _smem_op(code: tl.constexpr, x):
 
 @triton.jit
 def _smem_fill(bt_row0, ct_row0, first, last_row, buf, N: tl.constexpr, STEP: tl.constexpr):
-    """cp.async the B and C rows of positions first .. first + STEP - 1 (clamped to last_row) into buffer
-    buf (0 or 1): 2·STEP·N·4 bytes in 16-byte pieces, spread over the warp's lanes."""
+    """cp.async the B and C rows of positions first .. first + STEP - 1 (clamped to 0 .. last_row) into
+    buffer buf (0 or 1): 2·STEP·N·4 bytes in 16-byte pieces, spread over the warp's lanes."""
     PIECES: tl.constexpr = 2 * STEP * N // 4
     c = tl.arange(0, PIECES)
     which = c // (PIECES // 2)
     row = (c % (PIECES // 2)) // (N // 4)
     part = c % (N // 4)
-    pos = tl.minimum(first + row, last_row).to(tl.int64) * N + part * 4
+    pos = tl.maximum(tl.minimum(first + row, last_row), 0).to(tl.int64) * N + part * 4
     src = tl.where(which == 0, bt_row0 + pos, ct_row0 + pos)
     dst = buf * (2 * STEP * N * 4) + which * (STEP * N * 4) + row * (N * 4) + part * 16
     tl.inline_asm_elementwise(_SMEM_COPY, "=r,r,l", [dst, src], dtype=tl.int32, is_pure=False, pack=1)
