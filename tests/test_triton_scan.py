@@ -549,6 +549,16 @@ def test_gpu_long_sequence_fp32(direction, window):
     _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
 
 
+def _run_checked(args, tiles, monkeypatch, **kw):
+    """The kernel's output and gradients with `TILE_OVERRIDE = tiles`, from an empty cache of layout checks, and
+    the checks each sequential kernel made (`_shuffles_fit`: whether its layout-bound assembly could run)."""
+    monkeypatch.setattr(ks, "TILE_OVERRIDE", tiles)
+    ks._SHUFFLES_CHECKED.clear()
+    result = _run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, **kw)
+    return result, {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[0] == name]
+                    for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 5), ("local_bidirectional", 16)])
 def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
@@ -591,13 +601,10 @@ def test_gpu_ptx_shuffles_match_the_tl_path(direction, window, dtype, length, mo
         sc = ks._bwd_seq_config(96, 1, 16, window, bwd)
         assert sc["SHFL"] is fast and sc["SCATTER"] is fast
         assert ks._seq_config(96, 1, window, window or 16, seq)["SHFL_PICK"] is (fast and window in (None, 16))
-        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"bwd_seq": bwd, "seq": seq})
-        ks._SHUFFLES_CHECKED.clear()
-        results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
-                            window=window))
+        result, seen = _run_checked(args, {"bwd_seq": bwd, "seq": seq}, monkeypatch, direction=direction, window=window)
+        results.append(result)
         if fast:
-            checked = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[0] == name]
-                       for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
+            checked = seen
     if length % 16 == 0:
         assert checked["_bwd_seq_kernel"] and all(checked["_bwd_seq_kernel"]), checked
     if window in (None, 16) and (length % 16 == 0 or dtype == torch.float32):
@@ -628,14 +635,11 @@ def test_gpu_shared_memory_rows_match_loaded_rows(direction, window, batch, leng
     for smem in (True, False):
         assert ks._seq_config(96, groups or 1, window, 16, {"SMEM_ROWS": smem})["SMEM_ROWS"] is smem
         assert ks._bwd_seq_config(96, groups or 1, 16, window, {"SMEM_ROWS": smem})["SMEM_ROWS"] is smem
-        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"SMEM_ROWS": smem, "SEG": 7},
-                                                  "bwd_seq": {"SMEM_ROWS": smem, "SEG": 5}})
-        ks._SHUFFLES_CHECKED.clear()
-        results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
-                            window=window))
+        tiles = {"seq": {"SMEM_ROWS": smem, "SEG": 7}, "bwd_seq": {"SMEM_ROWS": smem, "SEG": 5}}
+        result, seen = _run_checked(args, tiles, monkeypatch, direction=direction, window=window)
+        results.append(result)
         if smem:
-            used = {name: [ok for key, ok in ks._SHUFFLES_CHECKED.items() if key[0] == name]
-                    for name in ("_fwd_seq_kernel", "_bwd_seq_kernel")}
+            used = seen
     # the forward's tiles need 16-bit inputs for that layout; the backward's loads are 4-wide, any dtype (rows
     # not 16-element aligned may or may not get it: the check decides, and the outputs are compared either way)
     assert used["_fwd_seq_kernel"] and used["_bwd_seq_kernel"], used
