@@ -618,6 +618,25 @@ def _smem_wait(buf_off, t_idx):
 
 
 @triton.jit
+def _smem_start(bt_row0, ct_row0, first, last_row, t_idx, N: tl.constexpr, STEP: tl.constexpr):
+    """Declare the shared array and start copying the rows of the block walked first into buffer 0."""
+    _smem_op(_SMEM_DECL, t_idx)
+    _smem_fill(bt_row0, ct_row0, first, last_row, 0, N, STEP)
+    _smem_op(_SMEM_COMMIT, t_idx)
+
+
+@triton.jit
+def _smem_stage(bt_row0, ct_row0, nxt, last_row, k, t_idx, N: tl.constexpr, STEP: tl.constexpr):
+    """At the k-th block walked: once every lane is done with the buffer of block k - 1, start copying the
+    rows of the block walked next (from position nxt) into it, and wait for block k's. Returns the byte
+    offset of block k's buffer, through the wait (`_smem_wait`)."""
+    _smem_op(_SMEM_SYNC, t_idx)
+    _smem_fill(bt_row0, ct_row0, nxt, last_row, (k + 1) % 2, N, STEP)
+    _smem_op(_SMEM_COMMIT, t_idx)
+    return _smem_wait((k % 2) * (2 * STEP * N * 4), t_idx)
+
+
+@triton.jit
 def _pick(tile, t_idx, t: tl.constexpr):
     # column t of a tile whose positions lie in one thread: LLVM folds this to a register read
     return tl.sum(tl.where(t_idx[None, :] == t, tile, -0.0), axis=1)
@@ -882,21 +901,15 @@ def _fwd_seq_kernel(
     # Δ = u = 0, so b = 0 and a = 1 there whatever B holds, and those outputs are not stored
     n_blocks = (end - start + STEP - 1) // STEP
     if SMEM_ROWS:
-        _smem_op(_SMEM_DECL, t_idx)
-        _smem_fill(bt_row0, ct_row0, start, L + TB - 1, 0, N, STEP)
-        _smem_op(_SMEM_COMMIT, t_idx)
+        _smem_start(bt_row0, ct_row0, start, L + TB - 1, t_idx, N, STEP)
     if PREFETCH:
         u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, start, t_idx, offs_d, mask_d, end, b, s_ub, s_ud,
                                                        s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
     for blk in range(0, n_blocks):
         pos0 = start + blk * STEP
         if SMEM_ROWS:
-            # the next block's B and C rows into the other buffer, then wait for this block's (every lane's)
-            # (after every lane has read the rows of the block before, which used that buffer)
-            _smem_op(_SMEM_SYNC, t_idx)
-            _smem_fill(bt_row0, ct_row0, pos0 + STEP, L + TB - 1, (blk + 1) % 2, N, STEP)
-            _smem_op(_SMEM_COMMIT, t_idx)
-            sm = _smem_wait((blk % 2) * (2 * STEP * N * 4), t_idx)
+            # the next block's B and C rows into the other buffer, then wait for this block's
+            sm = _smem_stage(bt_row0, ct_row0, pos0 + STEP, L + TB - 1, blk, t_idx, N, STEP)
         else:
             sm = 0
         if PREFETCH_L1:
@@ -1078,17 +1091,12 @@ def _bwd_seq_kernel(
         # block's predecessor (walked next) while the block is worked on
         bt_row0 = Bt_ptr + b * s_Bb + g * s_Bg
         ct_row0 = Ct_ptr + b * s_Cb + g * s_Cg
-        _smem_op(_SMEM_DECL, t_idx)
-        _smem_fill(bt_row0, ct_row0, start + (n_blocks - 1) * STEP, L + STEP - 1, 0, N, STEP)
-        _smem_op(_SMEM_COMMIT, t_idx)
+        _smem_start(bt_row0, ct_row0, start + (n_blocks - 1) * STEP, L + STEP - 1, t_idx, N, STEP)
     for i in range(0, n_blocks):
         pos0 = start + (n_blocks - 1 - i) * STEP
         blk_end = tl.minimum(pos0 + STEP, end)
         if SMEM_ROWS:
-            _smem_op(_SMEM_SYNC, t_idx)
-            _smem_fill(bt_row0, ct_row0, tl.maximum(pos0 - STEP, 0), L + STEP - 1, (i + 1) % 2, N, STEP)
-            _smem_op(_SMEM_COMMIT, t_idx)
-            sm = _smem_wait((i % 2) * (2 * STEP * N * 4), t_idx)
+            sm = _smem_stage(bt_row0, ct_row0, tl.maximum(pos0 - STEP, 0), L + STEP - 1, i, t_idx, N, STEP)
         if PREFETCH_L1:
             # the block before (walked next) into L1 while this one is worked on: its saved state, B and C
             # rows, and u, Δ, dout, z (addresses kept inside the tensors: at the first block, position 0)
