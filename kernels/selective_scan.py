@@ -884,7 +884,8 @@ def _fwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
-    SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    IN_AHEAD: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
@@ -923,8 +924,11 @@ def _fwd_seq_kernel(
                 rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
                 _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
             nxt = tl.minimum(pos0 + STEP, L - 1)
-            _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt)
-            _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt)
+            # u and Δ IN_AHEAD blocks ahead: 2 where they are loaded into registers a block ahead (PREFETCH), so that
+            # load finds them in L1 and whatever ptxas makes wait on its scoreboard does not wait for memory
+            nxt_in = tl.minimum(pos0 + IN_AHEAD * STEP, L - 1)
+            _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt_in)
+            _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt_in)
             if HAS_Z:
                 _prefetch(z_ptr + b * s_zb + crow * s_zd + nxt)
         if PREFETCH:
@@ -1578,6 +1582,10 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", not (window and tb >= 16))),
                 # the next block's rows asked into L1 a block ahead (inline PTX: not in the interpreter)
                 PREFETCH_L1=bool((override or {}).get("PREFETCH_L1", True)) and not _interpreting(),
+                # how many blocks ahead u and Δ are asked into L1: where they are also loaded into registers a block
+                # ahead (PREFETCH), 2, so that load hits L1 (H200, B1 D1024 N16 L131072, session 15: LB 16 1.392 ->
+                # 1.31 ms; ptxas had one of the walk back's FMAs wait on that load's scoreboard, kernels/NOTES.md)
+                IN_AHEAD=int((override or {}).get("IN_AHEAD", 2 if (override or {}).get("PREFETCH", bool(window)) else 1)),
                 # each position's sum over states added into the output tile after the walks, not during them
                 # (`_walk_window`): pays where a channel's positions are split over lanes (TB 16)
                 SUMS_AFTER=bool((override or {}).get("SUMS_AFTER", tb >= 16)),
@@ -1651,7 +1659,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     consts = dict(
         **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"],
         PREFETCH_BC=sc["PREFETCH_BC"] and not smem_rows,
-        PREFETCH_L1=sc["PREFETCH_L1"], SUMS_AFTER=sc["SUMS_AFTER"],
+        PREFETCH_L1=sc["PREFETCH_L1"], IN_AHEAD=sc["IN_AHEAD"], SUMS_AFTER=sc["SUMS_AFTER"],
         SHFL_PICK=sc["SHFL_PICK" if smem_rows else "SHFL_PICK_ALONE"] and Np == 16,
         SMEM_ROWS=smem_rows,
         HAS_D=D is not None, HAS_Z=z is not None, **flags,

@@ -483,7 +483,8 @@ def ttgir(shfl, smem=False):
 def fwd_ttgir(window, smem=False):
     # the forward at its GPU tiles, PTX picks on (plain, and LB window 16), or the rows from shared memory
     consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
-                  PREFETCH_BC=not window and not smem, PREFETCH_L1=True, SUMS_AFTER=True, SHFL_PICK=not smem,
+                  PREFETCH_BC=not window and not smem, PREFETCH_L1=True, IN_AHEAD=2 if window else 1, SUMS_AFTER=True,
+                  SHFL_PICK=not smem,
                   SMEM_ROWS=smem, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True,
                   SAVE_LAST=False)
     return compiled_ttgir(ks._fwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"})
