@@ -22,7 +22,10 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   dozen instructions before their use. A hint with no effect on results; off in the interpreter, which
   has no inline assembly. At the default tiles (state 16, fp32 B and C) B and C instead come by
   `cp.async` into shared memory a block ahead and are read from there by every walk (`SMEM_ROWS`:
-  `_smem_fill`, `_smem_row`), so they hold no registers between the walks.
+  `_smem_fill`, `_smem_row`), so they hold no registers between the walks. The LB forward also loads u
+  and Δ into registers a block ahead (`PREFETCH`), so its L1 hint for them goes two blocks ahead
+  (`IN_AHEAD`): that load then hits L1, and an FMA that ptxas makes wait on the load's scoreboard
+  (it shares scoreboards between loads) does not wait for memory.
 - At its GPU defaults (state 16) the sequential backward picks a position's Δ, Δu, dy out of its tiles
   with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
   shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
