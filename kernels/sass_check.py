@@ -132,7 +132,7 @@ def compile_forward_sass(window: int, consts: dict | None = None) -> str:
     from wsimamba.kernels import selective_scan as ks
 
     c = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window), PREFETCH_BC=False,
-             PREFETCH_L1=True, IN_AHEAD=2 if window else 1, SUMS_AFTER=True, SHFL_PICK=False, SMEM_ROWS=True,
+             PREFETCH_L1=True, IN_AHEAD=1, LATE_NEXT=True, SUMS_AFTER=True, SHFL_PICK=False, SMEM_ROWS=True,
              HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=False, SAVE_LAST=False, s_An=1)
     c.update(consts or {})
     fn = ks._fwd_seq_kernel

@@ -23,9 +23,9 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   has no inline assembly. At the default tiles (state 16, fp32 B and C) B and C instead come by
   `cp.async` into shared memory a block ahead and are read from there by every walk (`SMEM_ROWS`:
   `_smem_fill`, `_smem_row`), so they hold no registers between the walks. The LB forward also loads u
-  and Δ into registers a block ahead (`PREFETCH`), so its L1 hint for them goes two blocks ahead
-  (`IN_AHEAD`): that load then hits L1, and an FMA that ptxas makes wait on the load's scoreboard
-  (it shares scoreboards between loads) does not wait for memory.
+  and Δ into registers a block ahead (`PREFETCH`), after the walks in program order (`LATE_NEXT`): ptxas
+  shares scoreboards between loads, and a load issued before the walks had walk-back FMAs wait on it
+  (for memory) a few dozen instructions later (`kernels.sass_check` finds such waits in the SASS).
 - At its GPU defaults (state 16) the sequential backward picks a position's Δ, Δu, dy out of its tiles
   with one PTX `shfl.idx`, sums dB, dC over its 8 channels by a reduce-scatter of PTX butterfly
   shuffles over a sub-block's positions (`_pick_row`, `_fold`), and finishes each position's sums
@@ -887,8 +887,8 @@ def _fwd_seq_kernel(
     s_hb, s_hd, s_hn, s_hc,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
-    IN_AHEAD: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
+    IN_AHEAD: tl.constexpr, LATE_NEXT: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr,
+    SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
@@ -927,8 +927,7 @@ def _fwd_seq_kernel(
                 rows = tl.minimum(pos0 + STEP + pf_idx % TB, L + TB - 1).to(tl.int64) * N
                 _prefetch(tl.where(pf_idx < TB, bt_row0 + rows, ct_row0 + rows))
             nxt = tl.minimum(pos0 + STEP, L - 1)
-            # u and Δ IN_AHEAD blocks ahead: 2 where they are loaded into registers a block ahead (PREFETCH), so that
-            # load finds them in L1 and whatever ptxas makes wait on its scoreboard does not wait for memory
+            # u and Δ IN_AHEAD blocks ahead (1 by default; sweeps)
             nxt_in = tl.minimum(pos0 + IN_AHEAD * STEP, L - 1)
             _prefetch(u_ptr + b * s_ub + crow * s_ud + nxt_in)
             _prefetch(dt_ptr + b * s_tb + crow * s_td + nxt_in)
@@ -937,8 +936,9 @@ def _fwd_seq_kernel(
         if PREFETCH:
             # this block's inputs were loaded one block ago; ask for the next block's now
             u, dt, mask = u_next, dt_next, mask_next
-            u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0 + STEP, t_idx, offs_d, mask_d, end, b,
-                                                           s_ub, s_ud, s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
+            if not LATE_NEXT:
+                u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0 + STEP, t_idx, offs_d, mask_d, end,
+                                                               b, s_ub, s_ud, s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
         else:
             u, dt, mask = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0, t_idx, offs_d, mask_d, end, b, s_ub, s_ud, s_tb, s_td,
                                             STEP, HAS_BIAS, SOFTPLUS)
@@ -956,6 +956,9 @@ def _fwd_seq_kernel(
         row_c = ct_row0 + pos0.to(tl.int64) * N
         h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER, SHFL_PICK,
                             SMEM_ROWS)
+        if PREFETCH and LATE_NEXT:
+            u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0 + STEP, t_idx, offs_d, mask_d, end,
+                                                           b, s_ub, s_ud, s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
         row = offs_d[:, None]
         pos = pos0 + t_idx
         if HAS_Z:
@@ -1588,7 +1591,15 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 # how many blocks ahead u and Δ are asked into L1: where they are also loaded into registers a block
                 # ahead (PREFETCH), 2, so that load hits L1 (H200, B1 D1024 N16 L131072, session 15: LB 16 1.392 ->
                 # 1.31 ms; ptxas had one of the walk back's FMAs wait on that load's scoreboard, kernels/NOTES.md)
-                IN_AHEAD=int((override or {}).get("IN_AHEAD", 2 if (override or {}).get("PREFETCH", bool(window)) else 1)),
+                # with PREFETCH, the next block's u and Δ asked for after the walks in program order, not before:
+                # ptxas had walk-back FMAs wait on that load's scoreboard (shared with shared-memory reads) 14-20
+                # instructions after it, for memory; after the walks those waits come 80+ instructions later
+                # (`kernels.sass_check`) and the loads are not live across the walks. H200, B1 D1024 N16 L131072
+                # (session 15): LB 16 1.392 -> 1.265 ms
+                LATE_NEXT=bool((override or {}).get("LATE_NEXT", True)),
+                # how many blocks ahead the L1 hint for u and Δ goes (2 took most of that cost out with the loads
+                # before the walks, 1.39 -> 1.31 ms; with them after, 1 is best: 1.265 against 1.285)
+                IN_AHEAD=int((override or {}).get("IN_AHEAD", 1)),
                 # each position's sum over states added into the output tile after the walks, not during them
                 # (`_walk_window`): pays where a channel's positions are split over lanes (TB 16)
                 SUMS_AFTER=bool((override or {}).get("SUMS_AFTER", tb >= 16)),
@@ -1662,7 +1673,8 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     consts = dict(
         **tiles, WINDOW=int(window or 0), SAVE_EVERY=sc["SAVE_EVERY"], PREFETCH=sc["PREFETCH"],
         PREFETCH_BC=sc["PREFETCH_BC"] and not smem_rows,
-        PREFETCH_L1=sc["PREFETCH_L1"], IN_AHEAD=sc["IN_AHEAD"], SUMS_AFTER=sc["SUMS_AFTER"],
+        PREFETCH_L1=sc["PREFETCH_L1"], IN_AHEAD=sc["IN_AHEAD"], LATE_NEXT=sc["LATE_NEXT"],
+        SUMS_AFTER=sc["SUMS_AFTER"],
         SHFL_PICK=sc["SHFL_PICK" if smem_rows else "SHFL_PICK_ALONE"] and Np == 16,
         SMEM_ROWS=smem_rows,
         HAS_D=D is not None, HAS_Z=z is not None, **flags,

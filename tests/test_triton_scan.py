@@ -483,7 +483,8 @@ def ttgir(shfl, smem=False):
 def fwd_ttgir(window, smem=False):
     # the forward at its GPU tiles, PTX picks on (plain, and LB window 16), or the rows from shared memory
     consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
-                  PREFETCH_BC=not window and not smem, PREFETCH_L1=True, IN_AHEAD=2 if window else 1, SUMS_AFTER=True,
+                  PREFETCH_BC=not window and not smem, PREFETCH_L1=True, IN_AHEAD=1, LATE_NEXT=True,
+                  SUMS_AFTER=True,
                   SHFL_PICK=not smem,
                   SMEM_ROWS=smem, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True,
                   SAVE_LAST=False)
@@ -565,20 +566,23 @@ def _run_checked(args, tiles, monkeypatch, **kw):
 def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
     # the L1 prefetches (inline PTX, compiled only) are hints: with them on and off, the output and the
     # gradients written per position are bit for bit the same, the atomically summed ones equal to
-    # rounding; odd length and segments, so the clamped addresses past the end are exercised
+    # rounding; odd length and segments, so the clamped addresses past the end are exercised. The same for
+    # where the forward asks for the next block's u and Δ (before the walks or after: LATE_NEXT) and how far
+    # ahead its hint for them goes (IN_AHEAD 1 or the default)
     args = _inputs(2, 96, 3001, 16, device="cuda")
     results = []
-    for on in (True, False):
-        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {"PREFETCH_L1": on, "SEG": 7},
-                                                  "bwd_seq": {"PREFETCH_L1": on, "SEG": 5}})
+    for seq in ({"PREFETCH_L1": True}, {"PREFETCH_L1": False}, {"PREFETCH_L1": True, "LATE_NEXT": False, "IN_AHEAD": 2}):
+        monkeypatch.setattr(ks, "TILE_OVERRIDE", {"seq": {**seq, "SEG": 7},
+                                                  "bwd_seq": {"PREFETCH_L1": seq["PREFETCH_L1"], "SEG": 5}})
         results.append(_run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction,
                             window=window))
-    (out_on, g_on), (out_off, g_off) = results
-    assert torch.equal(out_on, out_off)
-    for k in ("u", "delta", "z"):
-        assert torch.equal(g_on[k], g_off[k]), k
-    for k in ("A", "B", "C", "D", "delta_bias"):
-        assert _rel(g_on[k], g_off[k]) < 1e-6, k
+    out_on, g_on = results[0]
+    for out_off, g_off in results[1:]:
+        assert torch.equal(out_on, out_off)
+        for k in ("u", "delta", "z"):
+            assert torch.equal(g_on[k], g_off[k]), k
+        for k in ("A", "B", "C", "D", "delta_bias"):
+            assert _rel(g_on[k], g_off[k]) < 1e-6, k
 
 
 @pytest.mark.gpu
