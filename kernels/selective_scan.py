@@ -1588,14 +1588,11 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
                 PREFETCH_BC=bool((override or {}).get("PREFETCH_BC", not (window and tb >= 16))),
                 # the next block's rows asked into L1 a block ahead (inline PTX: not in the interpreter)
                 PREFETCH_L1=bool((override or {}).get("PREFETCH_L1", True)) and not _interpreting(),
-                # how many blocks ahead u and Δ are asked into L1: where they are also loaded into registers a block
-                # ahead (PREFETCH), 2, so that load hits L1 (H200, B1 D1024 N16 L131072, session 15: LB 16 1.392 ->
-                # 1.31 ms; ptxas had one of the walk back's FMAs wait on that load's scoreboard, kernels/NOTES.md)
                 # with PREFETCH, the next block's u and Δ asked for after the walks in program order, not before:
                 # ptxas had walk-back FMAs wait on that load's scoreboard (shared with shared-memory reads) 14-20
-                # instructions after it, for memory; after the walks those waits come 80+ instructions later
+                # instructions after it, for memory; after the walks those waits come 219 and 256 instructions later
                 # (`kernels.sass_check`) and the loads are not live across the walks. H200, B1 D1024 N16 L131072
-                # (session 15): LB 16 1.392 -> 1.265 ms
+                # (session 15, kernels/NOTES.md): LB 16 1.392 -> 1.265 ms
                 LATE_NEXT=bool((override or {}).get("LATE_NEXT", True)),
                 # how many blocks ahead the L1 hint for u and Δ goes (2 took most of that cost out with the loads
                 # before the walks, 1.39 -> 1.31 ms; with them after, 1 is best: 1.265 against 1.285)

@@ -484,8 +484,7 @@ def fwd_ttgir(window, smem=False):
     # the forward at its GPU tiles, PTX picks on (plain, and LB window 16), or the rows from shared memory
     consts = dict(N=16, BLOCK_D=16, TB=16, STEP=16, WINDOW=window, SAVE_EVERY=1, PREFETCH=bool(window),
                   PREFETCH_BC=not window and not smem, PREFETCH_L1=True, IN_AHEAD=1, LATE_NEXT=True,
-                  SUMS_AFTER=True,
-                  SHFL_PICK=not smem,
+                  SUMS_AFTER=True, SHFL_PICK=not smem,
                   SMEM_ROWS=smem, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=True,
                   SAVE_LAST=False)
     return compiled_ttgir(ks._fwd_seq_kernel, consts, {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"})
@@ -567,8 +566,8 @@ def test_gpu_prefetch_hints_change_nothing(direction, window, monkeypatch):
     # the L1 prefetches (inline PTX, compiled only) are hints: with them on and off, the output and the
     # gradients written per position are bit for bit the same, the atomically summed ones equal to
     # rounding; odd length and segments, so the clamped addresses past the end are exercised. The same for
-    # where the forward asks for the next block's u and Δ (before the walks or after: LATE_NEXT) and how far
-    # ahead its hint for them goes (IN_AHEAD 1 or the default)
+    # where the forward asks for the next block's u and Δ (after the walks, the default, or before: LATE_NEXT)
+    # and how far ahead its hint for them goes (IN_AHEAD: one block, the default, or two)
     args = _inputs(2, 96, 3001, 16, device="cuda")
     results = []
     for seq in ({"PREFETCH_L1": True}, {"PREFETCH_L1": False}, {"PREFETCH_L1": True, "LATE_NEXT": False, "IN_AHEAD": 2}):
