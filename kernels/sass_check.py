@@ -94,8 +94,15 @@ def _dest_registers(x: Instr) -> set[str]:
 
 
 def _reads(x: Instr, regs: set[str]) -> bool:
+    """Whether x reads one of `regs`. A store's data register names the first of 2 or 4 (.64, .128)."""
     parts = x.text.split(",")[1:] if "," in x.text else []
-    return any(re.search(rf"\b{r}\b", p) for p in parts for r in regs)
+    width = 4 if ".128" in x.op else 2 if ".64" in x.op else 1
+    read = set()
+    for p in parts:
+        for m in re.finditer(r"\bR(\d+)\b", p):
+            n = width if x.op.startswith("ST") and "[" not in p else 1
+            read.update(f"R{int(m.group(1)) + i}" for i in range(n))
+    return bool(read & regs)
 
 
 def shared_scoreboard_waits(body: list[Instr]) -> list[tuple[int, Instr, int, Instr]]:

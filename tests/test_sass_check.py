@@ -50,3 +50,13 @@ def test_a_wait_on_the_loads_barrier_before_its_consumer_is_found():
 def test_a_wait_on_another_barrier_is_not():
     assert sc.shared_scoreboard_waits(_loop(waiter_waits=3)) == []
     assert sc.instruction_mix(_loop(waiter_waits=3))["LDG"] == 1
+
+
+def test_a_vector_store_of_the_loaded_value_is_its_consumer():
+    # the load fills R61 alone; a 16-byte store of R60..R63 reads it, so its wait is the load's own
+    text = "".join([
+        _line(0x00, "LDG.E R61, desc[UR4][R20.64]", wr=1),
+        _line(0x10, "STS.128 [R8], R60", wait=1 << 1),
+        _line(0x20, "BRA 0x0"),
+    ])
+    assert sc.shared_scoreboard_waits(sc.loop_body(sc.parse_sass(text))) == []
