@@ -68,9 +68,9 @@ def exp_rate() -> float:
     return n * iters * 4 / (ms * 1e-3)
 
 
-def load_baseline(path: Path):
-    """An older copy of kernels/selective_scan.py as a module of its own, to time in the same process."""
-    spec = importlib.util.spec_from_file_location("baseline_selective_scan", path)
+def load_baseline(path: Path, name: str = "baseline_selective_scan"):
+    """An older copy of kernels/selective_scan.py as a module of its own (`name`), to time in the same process."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

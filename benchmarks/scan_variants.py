@@ -14,7 +14,6 @@ Prints each variant's registers and spills (first round) and its times in ms.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -23,14 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scan_gpu  # noqa: E402
-
-
-def load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -48,7 +39,7 @@ def main() -> None:
         if op not in ("fwd", "LB"):
             raise SystemExit(f"variant {label}: op must be fwd or LB, not {op!r}")
         if path not in mods:
-            mods[path] = load(path, f"scan_variant_{len(mods)}")
+            mods[path] = scan_gpu.load_baseline(Path(path), f"scan_variant_{len(mods)}")
         variants.append((label, op, mods[path], json.loads(override)))
     inputs = scan_gpu.make(batch, dim, state, length)
     times: dict[str, list[float]] = {label: [] for label, *_ in variants}

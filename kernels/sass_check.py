@@ -129,12 +129,27 @@ def instruction_mix(body: list[Instr]) -> collections.Counter:
     return collections.Counter(x.op.split(".")[0] for x in body)
 
 
-def compile_forward_sass(window: int, consts: dict | None = None) -> str:
-    """SASS of `_fwd_seq_kernel` at its GPU tiles (bf16 u, Δ, z and output; state 16; rows from shared memory),
-    compiled for sm_90 with Triton's own toolchain; `consts` overrides the constexprs."""
+def compile_sm90(fn, consts: dict, bf16: set[str]):
+    """A Triton kernel of this package compiled for sm_90 without a GPU (Triton's own toolchain): the pointers named
+    in `bf16` bf16, the others fp32; pointers, lengths (L, DIM, DPG, SEG_LEN) and row strides (s_*, but the state
+    strides s_*n) taken as multiples of 16, as at the GPU defaults. Returns Triton's compiled kernel (`.asm`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
+        p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
+def compile_forward_sass(window: int, consts: dict | None = None) -> str:
+    """SASS of `_fwd_seq_kernel` at its GPU tiles (bf16 u, Δ, z and output; state 16; rows from shared memory; A
+    contiguous), compiled for sm_90; `consts` overrides the constexprs."""
+    import triton
 
     from wsimamba.kernels import selective_scan as ks
 
@@ -142,15 +157,7 @@ def compile_forward_sass(window: int, consts: dict | None = None) -> str:
              PREFETCH_L1=True, IN_AHEAD=1, LATE_NEXT=True, SUMS_AFTER=True, SHFL_PICK=False, SMEM_ROWS=True,
              HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, SAVE_STATES=False, SAVE_LAST=False, s_An=1)
     c.update(consts or {})
-    fn = ks._fwd_seq_kernel
-    params = list(inspect.signature(fn.fn).parameters)
-    bf16 = {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"}
-    sig = {p: "constexpr" if p in c else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
-           for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-             if p not in c and p != "n_seg" and not p.endswith("n")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=c, attrs=attrs)
-    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["cubin"]
+    cubin = compile_sm90(ks._fwd_seq_kernel, c, {"u_ptr", "dt_ptr", "z_ptr", "out_ptr"}).asm["cubin"]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

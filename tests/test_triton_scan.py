@@ -454,23 +454,15 @@ def test_gpu_softplus_is_accurate_to_a_few_ulp():
 
 
 _COMPILE_SEQ_KERNELS = """
-import inspect, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
 from wsimamba.kernels import selective_scan as ks
+from wsimamba.kernels.sass_check import compile_sm90
 
 
 def compiled_ttgir(fn, consts, bf16):
     # compiled for sm_90 with the pointers in `bf16` bf16, the others fp32; pointers, lengths and row
     # strides multiples of 16
-    params = list(inspect.signature(fn.fn).parameters)
-    sig = {p: "constexpr" if p in consts else ("*bf16" if p in bf16 else "*fp32") if p.endswith("_ptr") else "i32"
-           for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p not in consts and (
-        p.endswith("_ptr") or p in ("L", "DIM", "DPG", "SEG_LEN") or (p.startswith("s_") and not p.endswith("n")))}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ttgir"]
+    return compile_sm90(fn, consts, bf16).asm["ttgir"]
 
 
 def ttgir(shfl, smem=False):
