@@ -6,7 +6,7 @@ given to that copy's TILE_OVERRIDE. Every variant is timed `--rounds` times, rou
 timer, on the same inputs (bf16 u, Δ, z, softplus, as scan_gpu.py):
 
     python benchmarks/scan_variants.py 1,1024,16,131072 \\
-        'now=LB:kernels/selective_scan.py:{}' 'old=LB:/tmp/old.py:{}' 'a1=LB:kernels/selective_scan.py:{"seq":{"IN_AHEAD":1}}'
+        'now=LB:kernels/selective_scan.py:{}' 'old=LB:/tmp/old.py:{}' 'early=LB:kernels/selective_scan.py:{"seq":{"LATE_NEXT":false}}'
 
 Prints each variant's registers and spills (first round) and its times in ms.
 """
