@@ -85,22 +85,25 @@ def loop_body(instrs: list[Instr]) -> list[Instr]:
     return instrs[best[0]:best[1] + 1]
 
 
+def _width(op: str) -> int:
+    """Registers a vector access names by its first: 4 for .128, 2 for .64."""
+    return 4 if ".128" in op else 2 if ".64" in op else 1
+
+
 def _dest_registers(x: Instr) -> set[str]:
     m = re.match(r"(?:@!?U?P\w+\s+)?\S+\s+R(\d+)\b", x.text)
     if not m:
         return set()
-    width = 4 if ".128" in x.op else 2 if ".64" in x.op else 1
-    return {f"R{int(m.group(1)) + i}" for i in range(width)}
+    return {f"R{int(m.group(1)) + i}" for i in range(_width(x.op))}
 
 
 def _reads(x: Instr, regs: set[str]) -> bool:
     """Whether x reads one of `regs`. A store's data register names the first of 2 or 4 (.64, .128)."""
     parts = x.text.split(",")[1:] if "," in x.text else []
-    width = 4 if ".128" in x.op else 2 if ".64" in x.op else 1
     read = set()
     for p in parts:
         for m in re.finditer(r"\bR(\d+)\b", p):
-            n = width if x.op.startswith("ST") and "[" not in p else 1
+            n = _width(x.op) if x.op.startswith("ST") and "[" not in p else 1
             read.update(f"R{int(m.group(1)) + i}" for i in range(n))
     return bool(read & regs)
 
