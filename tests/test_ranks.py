@@ -143,3 +143,43 @@ def test_a_rank_finishes_its_cleanup_through_a_second_interrupt(mode):
         assert r.returncode == 0 and r.stdout.strip() == "cleanup finished", (r.stdout, r.stderr)
     else:
         assert r.returncode != 0 and "cleanup finished" not in r.stdout and "KeyboardInterrupt" in r.stderr
+
+
+_INTERRUPT_IN_A_FINALIZER = """
+import os, signal, sys, time
+from wsimamba.features import ranks
+if sys.argv[1] == "once":
+    ranks.interrupt_once()
+
+
+class Slide:  # closes slowly, as OpenSlide's __del__ may: the Ctrl-C arrives while it runs
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.2:
+            pass
+
+
+try:
+    s = Slide()
+    del s
+    time.sleep(5)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("mode", ["once", "default"])
+def test_a_ctrl_c_during_a_finalizer_still_stops_the_rank(mode):
+    """A Ctrl-C whose handler runs inside an `__del__` (OpenSlide closing a slide, in CI): Python prints the
+    KeyboardInterrupt with a traceback and drops it. A rank raises it again once the finalizer is done, and
+    prints nothing; Python's default handler, for contrast, loses it."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _INTERRUPT_IN_A_FINALIZER, mode], capture_output=True, text=True,
+                       timeout=60)
+    if mode == "once":
+        assert r.returncode == 0 and r.stdout.strip() == "interrupted" and r.stderr == "", (r.stdout, r.stderr)
+    else:
+        assert r.stdout.strip() == "not interrupted" and "Exception ignored" in r.stderr, (r.stdout, r.stderr)
