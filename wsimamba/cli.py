@@ -826,7 +826,13 @@ def entry() -> None:
     interpreter's teardown: tearing down torch, torchvision and timm took ~1 s of CPU on the CI machine,
     paid at the end of every run and by every rank under torchrun. `extract_cohort` has closed every
     file, joined its threads and stopped its worker processes by then. Other commands exit normally
-    (their libraries may flush at exit)."""
+    (their libraries may flush at exit).
+
+    A Ctrl-C that Python would drop in a finalizer (OpenSlide's `__del__`) is raised again
+    (`wsimamba.interrupts`): the program, not a library calling `main`, owns SIGALRM and the unraisable hook."""
+    from wsimamba.interrupts import retry_dropped_interrupts
+
+    retry_dropped_interrupts()
     rc = main()
     if _exit_fast:
         sys.stdout.flush()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from wsimamba.errors import WsimambaError
+from wsimamba.interrupts import retry_dropped_interrupts
 
 PROGRESS_FD_ENV = "WSIMAMBA_PROGRESS_FD"
 STOP_GRACE_S = 30.0  # after an interrupt: how long the ranks get to finish their files before they are killed
@@ -134,32 +135,9 @@ class PipeProgress:
             self._f = None
 
 
-_INTERRUPT_RETRY_S = 0.05  # after a KeyboardInterrupt that Python dropped in a finalizer: raise it again this soon
-_interrupt_pending = False  # a Ctrl-C arrived and its KeyboardInterrupt has not yet reached the rank's code
-_previous_unraisablehook = None
-
-
 def _interrupt_once(signum, frame) -> None:  # noqa: ARG001
-    global _interrupt_pending
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _interrupt_pending = True
     raise KeyboardInterrupt
-
-
-def _interrupt_again(signum, frame) -> None:  # noqa: ARG001
-    if _interrupt_pending:
-        raise KeyboardInterrupt
-
-
-def _drop_or_retry(unraisable) -> None:
-    """`sys.unraisablehook` of a rank. Python runs a signal handler wherever the main thread is, and a
-    KeyboardInterrupt raised inside a finalizer (an `__del__`, such as OpenSlide's closing a slide) is
-    printed with its traceback and dropped, so the rank would carry on as if no Ctrl-C had come (seen in
-    CI). Ours is not printed; SIGALRM raises it again shortly, outside the finalizer, or it retries."""
-    if _interrupt_pending and issubclass(unraisable.exc_type, KeyboardInterrupt):
-        signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
-        return
-    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
 
 
 def interrupt_once() -> None:
@@ -170,14 +148,9 @@ def interrupt_once() -> None:
     reproduced here, this is the one path to it found). A rank that does not finish is still killed after
     `STOP_GRACE_S`, or at a second Ctrl-C.
 
-    The one KeyboardInterrupt must reach the rank's code: if Python drops it in a finalizer, it is raised
-    again (`_drop_or_retry`). Main thread only (signal handlers)."""
-    global _interrupt_pending, _previous_unraisablehook
-    _interrupt_pending = False
-    if sys.unraisablehook is not _drop_or_retry:
-        _previous_unraisablehook = sys.unraisablehook
-        sys.unraisablehook = _drop_or_retry
-    signal.signal(signal.SIGALRM, _interrupt_again)
+    The one KeyboardInterrupt must reach the rank's code: if Python drops it in a finalizer (OpenSlide's
+    `__del__`, seen in CI), it is raised again (`wsimamba.interrupts`). Main thread only (signal handlers)."""
+    retry_dropped_interrupts()
     signal.signal(signal.SIGINT, _interrupt_once)
 
 
