@@ -143,4 +143,3 @@ def test_a_rank_finishes_its_cleanup_through_a_second_interrupt(mode):
         assert r.returncode == 0 and r.stdout.strip() == "cleanup finished", (r.stdout, r.stderr)
     else:
         assert r.returncode != 0 and "cleanup finished" not in r.stdout and "KeyboardInterrupt" in r.stderr
-
