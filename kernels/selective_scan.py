@@ -1461,13 +1461,16 @@ def _rows_kernel(B_ptr, C_ptr, Bt_ptr, Ct_ptr, L, LP, G, s_Bb, s_Bg, s_Bn, s_Bl,
 
 
 def _transposed_rows(B4: torch.Tensor, C4: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, groups, L + extra, state) contiguous copies of B4 and C4 transposed, the extra rows zero.
-    Same as `F.pad(X.transpose(2, 3), (0, 0, 0, extra)).contiguous()` for both (the tests compare them),
-    in one launch instead of four (a fill and a copy each)."""
+    """(batch, groups, L + extra, state) contiguous fp32 copies of B4 and C4 transposed, the extra rows zero.
+    Same as `F.pad(X.transpose(2, 3), (0, 0, 0, extra)).float()` for both (the tests compare them),
+    in one launch instead of four (a fill and a copy each).
+
+    fp32 whatever B and C come in (bf16 under autocast: x_proj's output), which changes no value and lets
+    the sequential kernels stage the rows in shared memory (`SMEM_ROWS`: fp32 rows of 16 states only)."""
     batch, groups, N, L = B4.shape
     LP = L + extra
-    Bt = torch.empty((batch, groups, LP, N), device=B4.device, dtype=B4.dtype)
-    Ct = torch.empty((batch, groups, LP, N), device=C4.device, dtype=C4.dtype)
+    Bt = torch.empty((batch, groups, LP, N), device=B4.device, dtype=torch.float32)
+    Ct = torch.empty((batch, groups, LP, N), device=C4.device, dtype=torch.float32)
     block_l = max(16, 4096 // N)
     _rows_kernel[(triton.cdiv(LP, block_l), batch * groups, 2)](
         B4, C4, Bt, Ct, L, LP, groups, *B4.stride(), *C4.stride(), N=N, BLOCK_L=block_l, num_warps=4)
