@@ -1,5 +1,12 @@
-"""Functional ops (no nn.Module): the selective scan (reference + backend dispatch)."""
+"""Functional ops (no nn.Module): the selective scan and the causal depthwise conv1d (references + backend dispatch)."""
 
+from wsimamba.ops.conv1d import (
+    CONV_BACKENDS,
+    ConvArgumentError,
+    ConvBackendError,
+    causal_conv1d,
+    causal_conv1d_reference,
+)
 from wsimamba.ops.selective_scan import (
     DIRECTIONS,
     ScanArgumentError,
@@ -13,6 +20,11 @@ from wsimamba.ops.selective_scan import (
 )
 
 __all__ = [
+    "CONV_BACKENDS",
+    "ConvArgumentError",
+    "ConvBackendError",
+    "causal_conv1d",
+    "causal_conv1d_reference",
     "DIRECTIONS",
     "ScanArgumentError",
     "ScanBackendError",

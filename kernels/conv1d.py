@@ -1,0 +1,378 @@
+"""Fused causal depthwise conv1d + SiLU in Triton, forward and backward (the short convolution of a Mamba block).
+
+Contract: `wsimamba.ops.causal_conv1d(..., backend="triton")` calls `causal_conv1d` below with validated
+arguments. Shapes:
+
+    x        (batch, dim, length)   fp32 / fp16 / bf16; unit stride along the length, any batch and dim
+                                    strides (a channel slice of a wider buffer is read in place)
+    weight   (dim, width)           any float dtype, width 1..MAX_WIDTH
+    bias     (dim,) or None         any float dtype
+    seq_idx  (batch, length) or None, int32 / int64
+    out      (batch, dim, length)   contiguous, x's dtype
+
+    p[b, d, t]   = bias[d] + Σ_k weight[d, k] · x[b, d, t − (width − 1) + k]
+                   (x = 0 before position 0, and a tap counts only where seq_idx[b, s] == seq_idx[b, t])
+    out[b, d, t] = silu(p[b, d, t])   (or p without an activation)
+
+How the kernels work:
+
+- One program owns BLOCK_D channels of one batch element and a run of positions, and reads a tile of
+  BLOCK_L positions around them once, with 16-byte vector loads: its own positions plus HALO before them
+  (the forward: out[t] needs x[t − width + 1 .. t]) or HALO on both sides (the backward: p needs x before
+  a position, dx needs dp after it). The halo is read again by the neighbouring program, from L2.
+- Triton has no register shift along a tile, so the taps x[t − width + 1 + k] and, in the backward,
+  dp[t + j] are picked out of the tile along its row with `tl.gather` (`_taps`), which compiles to warp
+  shuffles where a row of the tile lies in one warp. Shifted loads instead (one masked load per tap)
+  cannot be vectorised, and with Triton's 8-position-per-thread layout each became 8 scalar loads per
+  thread: a backward that read its taps so moved 10.5 GB through L1 for 1.2 GB of DRAM traffic (ncu,
+  H200), and one that also recomputed p at each of the `width` shifts, instead of picking dp(t + j) out
+  of the tile, took 2.2 ms where this one takes 0.75 (dim 1024, L 200k).
+- The forward accumulates in fp32, applies bias and SiLU, and writes `out` once; nothing else is saved
+  for the backward, which recomputes p (a bag of 200k patches at dim 2048 is 0.8 GB per bf16 tensor).
+- The backward computes dp = dout · silu'(p) once per tile position, dx[t] = Σ_j weight[width − 1 − j] ·
+  dp[t + j] (masked where t + j leaves t's packed sequence), and sums dweight[k] = Σ_t dp[t] · tap_k[t]
+  and dbias over its own positions on chip, then adds them with one relaxed fp32 atomic per (channel,
+  tap) (their last bits depend on the order the programs finish).
+- Channel tiles vary fastest along the grid (`_tile`), so that programs running together add into
+  different addresses; with length tiles fastest they all hammered the same few.
+- Offsets along batch and channels are int64 (a (8, 2·2048, 200k) buffer has 6.6e9 elements); along
+  the length int32.
+
+Measured (benchmarks/conv1d.py, H200, bf16, dim 1024, width 4, batch 1, L 200k, 2026-11-27): forward
+0.42 ms, forward + backward 1.17 ms, against 2.58 and 7.19 ms for F.conv1d + F.silu (cuDNN) in the
+same process; the floors at the measured copy bandwidth are 0.20 and 0.49 ms. Below ~50k positions
+forward + backward is bound by host time (two Triton launches and autograd, ~0.5 ms per step there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WIDTH = 8
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+ACTIVATIONS = ("silu", None)
+
+# Tests set this to fill outputs and dx with NaN before each launch, so unwritten elements show.
+POISON_OUTPUTS = False
+# Tests and tuning set this ({"fwd": {...}, "bwd": {...}}, keys BLOCK_D, BLOCK_L, HALO, num_warps, maxnreg)
+# to force tiles.
+TILE_OVERRIDE: dict | None = None
+# Registers and spills of the last compiled launch of each kernel (the benchmark prints them).
+KERNEL_RESOURCES: dict = {}
+
+
+class TritonConvError(ValueError):
+    """Arguments the Triton kernel cannot take (the dispatch layer turns it into a WsimambaError)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _rows(b, offs_d, s_b, s_d):
+    """(BLOCK_D,) int64 offsets of the rows (b, offs_d): the product overflows int32 on long bags."""
+    return b.to(tl.int64) * s_b + offs_d.to(tl.int64) * s_d
+
+
+@triton.jit
+def _tile(DIM, BLOCK_D: tl.constexpr):
+    """(length tile, channel tile, batch element) of this program. Channel tiles vary fastest: programs
+    running at the same time then add their dweight and dbias into different addresses (with length tiles
+    fastest, every running program added into the same few, and the backward took 2.5 ms instead of 1.5 at
+    dim 1024, L 200k on an H200); a length tile's neighbour, whose x it reads as halo, still runs nearby."""
+    n_d = tl.cdiv(DIM, BLOCK_D)
+    pid = tl.program_id(0)
+    return pid // n_d, pid % n_d, tl.program_id(1)
+
+
+@triton.jit
+def _load_tile(ptr, rows, offs_t, mask_d, L):
+    """The (BLOCK_D, BLOCK_L) tile at positions offs_t in fp32, zero outside [0, L)."""
+    ok = mask_d[:, None] & ((offs_t >= 0) & (offs_t < L))[None, :]
+    return tl.load(ptr + rows[:, None] + offs_t[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _taps(tile, idx, shift: tl.constexpr):
+    """tile[:, i + shift] at column i (clamped into the tile): a pick along the row, by warp shuffles
+    where a row lies in one warp. Columns whose pick was clamped are never used."""
+    if shift == 0:
+        return tile
+    src = tl.minimum(tl.maximum(idx + shift, 0), tile.shape[1] - 1)
+    return tl.gather(tile, tl.broadcast_to(src[None, :], tile.shape), axis=1)
+
+
+@triton.jit
+def _load_seq(seq_ptr, row, offs_t, L, shift: tl.constexpr):
+    pos = offs_t + shift
+    return tl.load(seq_ptr + row + pos, mask=(pos >= 0) & (pos < L), other=-1)
+
+
+@triton.jit
+def _conv1d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr,
+    DIM, L, s_xb, s_xd, s_sb, s_ob, s_od,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr,
+):
+    """The tile is the program's own BLOCK_L - HALO positions and the HALO before them, read once."""
+    OUT_L: tl.constexpr = BLOCK_L - HALO
+    pid_l, pid_d, b = _tile(DIM, BLOCK_D)
+    idx = tl.arange(0, BLOCK_L)
+    offs_t = pid_l * OUT_L - HALO + idx
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    xt = _load_tile(x_ptr, _rows(b, offs_d, s_xb, s_xd), offs_t, mask_d, L)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
+    if HAS_SEQ:
+        seq_row = b.to(tl.int64) * s_sb
+        seq_t = _load_seq(seq_ptr, seq_row, offs_t, L, 0)
+    for k in tl.static_range(WIDTH):
+        w_k = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        # own positions (from HALO >= WIDTH - 1 on) take their taps inside the tile
+        tap = _taps(xt, idx, k - (WIDTH - 1))
+        if HAS_SEQ and k < WIDTH - 1:
+            tap = tl.where((_load_seq(seq_ptr, seq_row, offs_t, L, k - (WIDTH - 1)) == seq_t)[None, :], tap, 0.0)
+        acc += w_k[:, None] * tap
+    if ACT:
+        acc = acc * tl.sigmoid(acc)
+    mask = mask_d[:, None] & ((idx >= HALO) & (offs_t < L))[None, :]
+    out_rows = _rows(b, offs_d, s_ob, s_od)
+    tl.store(out_ptr + out_rows[:, None] + offs_t[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv1d_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    DIM, L, s_xb, s_xd, s_sb, s_gb, s_gd, s_dxb, s_dxd,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, ACT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr,
+):
+    """The tile is the program's own BLOCK_L - 2·HALO positions with HALO more on each side: x and dout
+    are read once; p needs x up to width - 1 before a position, dx needs dp up to width - 1 after it."""
+    OUT_L: tl.constexpr = BLOCK_L - 2 * HALO
+    pid_l, pid_d, b = _tile(DIM, BLOCK_D)
+    idx = tl.arange(0, BLOCK_L)
+    offs_t = pid_l * OUT_L - HALO + idx
+    own = (idx >= HALO) & (idx < BLOCK_L - HALO)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_SEQ:
+        seq_row = b.to(tl.int64) * s_sb
+        seq_t = _load_seq(seq_ptr, seq_row, offs_t, L, 0)
+    ws = ()
+    for k in tl.static_range(WIDTH):
+        ws = ws + (tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32),)
+    # p and dp are right from position WIDTH - 1 <= HALO of the tile on (the taps of the first positions
+    # are clamped into the tile), which is all that own positions and their dx read
+    taps = ()
+    p = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
+    if ACT or NEED_DW:
+        xt = _load_tile(x_ptr, _rows(b, offs_d, s_xb, s_xd), offs_t, mask_d, L)
+        for k in tl.static_range(WIDTH):
+            tap = _taps(xt, idx, k - (WIDTH - 1))
+            if HAS_SEQ and k < WIDTH - 1:
+                tap = tl.where((_load_seq(seq_ptr, seq_row, offs_t, L, k - (WIDTH - 1)) == seq_t)[None, :], tap, 0.0)
+            taps = taps + (tap,)
+            p += ws[k][:, None] * tap
+    # dout is zero outside [0, L), so dp is too
+    dp = _load_tile(dout_ptr, _rows(b, offs_d, s_gb, s_gd), offs_t, mask_d, L)
+    if ACT:
+        sig = tl.sigmoid(p)
+        dp = dp * (sig * (1.0 + p * (1.0 - sig)))
+    dp_own = tl.where(own[None, :], dp, 0.0)
+    # relaxed: the default acq_rel put a MEMBAR.GPU before each add and made the backward 1.5x slower
+    if NEED_DW:
+        for k in tl.static_range(WIDTH):
+            tl.atomic_add(dw_ptr + offs_d * WIDTH + k, tl.sum(taps[k] * dp_own, axis=1), mask=mask_d, sem="relaxed")
+    if NEED_DBIAS:
+        tl.atomic_add(dbias_ptr + offs_d, tl.sum(dp_own, axis=1), mask=mask_d, sem="relaxed")
+    if NEED_DX:
+        dx = ws[WIDTH - 1][:, None] * dp
+        for j in tl.static_range(1, WIDTH):
+            q = _taps(dp, idx, j)
+            if HAS_SEQ:
+                # dp(t + j) reaches t only from inside t's packed sequence
+                q = tl.where((_load_seq(seq_ptr, seq_row, offs_t, L, j) == seq_t)[None, :], q, 0.0)
+            dx += ws[WIDTH - 1 - j][:, None] * q
+        mask = mask_d[:, None] & (own & (offs_t < L))[None, :]
+        dx_rows = _rows(b, offs_d, s_dxb, s_dxd)
+        tl.store(dx_ptr + dx_rows[:, None] + offs_t[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side: tiles, checks, autograd
+
+
+def _config(width: int, backward: bool) -> dict:
+    """Tiles: BLOCK_D channels × BLOCK_L positions, num_warps, and HALO positions of the tile that are only
+    read: before the program's own in the forward, on both sides in the backward. HALO 8 keeps every tile's
+    first position 16-byte aligned in bf16 (32 in fp32), so the tile loads and stores are vectors.
+
+    Forward 16 × 256, 4 warps (a warp holds whole 256-position rows, so the taps are warp shuffles; 3%
+    of the tile is halo); backward 8 × 256, 4 warps (6% halo). At dim 1024, L 200k, bf16 on an H200 the
+    sweep of `benchmarks/conv1d.py --sweep` gave the backward 0.63 ms at 8 × 256, 0.77 at 16 × 256 and
+    1.2 at 16 × 128 (more halo, more atomics); forward tiles from 8 × 512 to 32 × 256 were within the
+    run-to-run spread (0.36-0.46 ms)."""
+    if backward:
+        cfg = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
+    else:
+        cfg = dict(BLOCK_D=16, BLOCK_L=256, num_warps=4)
+    cfg["HALO"] = 0 if width == 1 else 8
+    override = (TILE_OVERRIDE or {}).get("bwd" if backward else "fwd")
+    if override:
+        cfg.update(override)
+    if not width - 1 <= cfg["HALO"] or _own(cfg, backward) < 1:
+        raise ValueError(f"tiles {cfg}: HALO must be at least width - 1 = {width - 1} and leave own positions")
+    return cfg
+
+
+def _own(cfg: dict, backward: bool) -> int:
+    return cfg["BLOCK_L"] - (2 if backward else 1) * cfg["HALO"]
+
+
+def _grid(cfg: dict, backward: bool, batch: int, dim: int, length: int) -> tuple:
+    # tiles on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535), see `_tile`
+    return (triton.cdiv(length, _own(cfg, backward)) * triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+
+
+def _launch(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "maxnreg") if k in cfg}
+
+
+def _note(name: str, kern) -> None:
+    regs, spills = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
+    if regs is not None:
+        KERNEL_RESOURCES[name] = dict(regs=regs, spills=spills)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _new(shape, like: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(x, weight, bias, seq_idx, activation) -> None:
+    if x.dtype not in _DTYPES:
+        raise TritonConvError(f"x: dtype {x.dtype} not supported by the Triton conv1d (fp32, fp16, bf16)")
+    if x.dim() != 3 or min(x.shape) < 1:
+        raise TritonConvError(f"x must be a non-empty (batch, dim, length), got {tuple(x.shape)}")
+    batch, dim, length = x.shape
+    if weight.dim() != 2 or weight.shape[0] != dim or weight.dtype not in _WEIGHT_DTYPES:
+        raise TritonConvError(f"weight must be a float (dim, width) with dim {dim}, got {weight.dtype} {tuple(weight.shape)}")
+    width = weight.shape[1]
+    if not 1 <= width <= MAX_WIDTH:
+        raise TritonConvError(f"width {width} not supported by the Triton conv1d (1 to {MAX_WIDTH})")
+    if bias is not None and (bias.shape != (dim,) or bias.dtype not in _WEIGHT_DTYPES):
+        raise TritonConvError(f"bias must be a float ({dim},), got {bias.dtype} {tuple(bias.shape)}")
+    if seq_idx is not None and (seq_idx.shape != (batch, length) or seq_idx.dtype not in _INDEX_DTYPES):
+        raise TritonConvError(f"seq_idx must be int32/int64 ({batch}, {length}), got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+    if activation not in ACTIVATIONS:
+        raise TritonConvError(f"activation {activation!r} not supported by the Triton conv1d ('silu' or None)")
+    if batch > 65535:
+        raise TritonConvError(f"x: batch {batch} exceeds the kernel's grid (65535)")
+    if not x.is_cuda and not _interpreting():
+        raise TritonConvError("the Triton conv1d runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+
+
+def _fwd(x, weight, bias, seq_idx, act: bool) -> torch.Tensor:
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = _new((batch, dim, length), x)
+    cfg = _config(width, backward=False)
+    tiles = {k: cfg[k] for k in ("BLOCK_D", "BLOCK_L", "HALO")}
+    kern = _conv1d_fwd_kernel[_grid(cfg, False, batch, dim, length)](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, out,
+        dim, length, x.stride(0), x.stride(1), seq_idx.stride(0) if seq_idx is not None else 0,
+        out.stride(0), out.stride(1),
+        WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, ACT=act,
+        **tiles, **_launch(cfg),
+    )
+    _note("fwd", kern)
+    return out
+
+
+def _bwd(dout, x, weight, bias, seq_idx, act: bool, need_dx: bool, need_dw: bool, need_dbias: bool):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    dout = _unit_stride(dout)
+    dx = _new((batch, dim, length), x) if need_dx else None
+    # atomics add into these, so they start at zero (not poisoned)
+    dw = torch.zeros((dim, width), device=x.device, dtype=torch.float32) if need_dw else None
+    dbias = torch.zeros((dim,), device=x.device, dtype=torch.float32) if need_dbias else None
+    cfg = _config(width, backward=True)
+    tiles = {k: cfg[k] for k in ("BLOCK_D", "BLOCK_L", "HALO")}
+    kern = _conv1d_bwd_kernel[_grid(cfg, True, batch, dim, length)](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x,
+        dout, dx if dx is not None else dout, dw if dw is not None else weight, dbias if dbias is not None else weight,
+        dim, length, x.stride(0), x.stride(1), seq_idx.stride(0) if seq_idx is not None else 0,
+        dout.stride(0), dout.stride(1),
+        dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
+        WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, ACT=act,
+        NEED_DX=need_dx, NEED_DW=need_dw, NEED_DBIAS=need_dbias,
+        **tiles, **_launch(cfg),
+    )
+    _note("bwd", kern)
+    return dx, dw, dbias
+
+
+class _Conv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, act):
+        out = _fwd(x, weight, bias, seq_idx, act)
+        # x, not the pre-activation: the backward recomputes it (a bag of 200k patches at dim 2048 is
+        # 0.8 GB per saved bf16 tensor)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
+        need_dbias = need_dbias and bias is not None
+        if not (need_dx or need_dw or need_dbias):
+            return None, None, None, None, None
+        dx, dw, dbias = _bwd(dout, x, weight, bias, seq_idx, ctx.act, need_dx, need_dw, need_dbias)
+        return (dx, dw.to(weight.dtype) if dw is not None else None,
+                dbias.to(bias.dtype) if dbias is not None else None, None, None)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
+    """The Triton backend of `wsimamba.ops.causal_conv1d` (arguments validated there).
+
+    x (batch, dim, length) fp32/fp16/bf16, weight (dim, width), bias (dim,) or None, seq_idx (batch, length)
+    int32/int64 or None, activation "silu" or None. Returns out (batch, dim, length), contiguous, in x's
+    dtype; differentiable in x, weight and bias. x with a non-unit stride along the length is copied first.
+    Raises TritonConvError for inputs the kernel does not take (dtype, width > MAX_WIDTH, device).
+    """
+    _check(x, weight, bias, seq_idx, activation)
+    x = _unit_stride(x)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    seq_idx = seq_idx.contiguous() if seq_idx is not None else None
+    return _Conv1dFn.apply(x, weight, bias, seq_idx, activation == "silu")
