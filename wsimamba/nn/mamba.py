@@ -10,6 +10,20 @@ Vim / MambaMIL (conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b), so their checkpoin
 - :class:`SRMamba`  MambaMIL: a second branch over the sequence reordered with stride ``rate``; summed.
 - :class:`LBMamba`  a Mamba block whose scan is ``local_bidirectional``.
 - :class:`AlternatingFlip`  runs a stack of layers, reversing the sequence (and residual) after each (LBVim).
+
+Two implementations of the same function (``impl``):
+
+- ``reference``  nn.Linear / nn.Conv1d as written in the papers: in_proj gives (batch, length, 2·d_inner),
+                 which is transposed for the convolution; the scan then copies the transposed z and dt
+                 into rows, and the convolution pads both sides and cuts the tail.
+- ``fast``       the same parameters, laid out for the kernels: in_proj, x_proj and dt_proj are batched
+                 products whose outputs are already (batch, channels, length), so x, z, Δ, B and C reach
+                 the fused convolution (``wsimamba.ops.causal_conv1d``, causal depthwise conv + SiLU in one
+                 kernel that recomputes its activation in the backward) and the scan without a layout copy;
+                 out_proj reads y (batch, d_inner, length) transposed in place.
+- ``auto``       ``fast`` on CUDA tensors, ``reference`` elsewhere.
+
+Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).
 """
 
 from __future__ import annotations
@@ -21,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsimamba.ops import selective_scan
+from wsimamba.ops import causal_conv1d, selective_scan
 from wsimamba.ops.selective_scan import DIRECTIONS, ScanArgumentError
+
+IMPLS = ("auto", "fast", "reference")
 
 __all__ = ["AlternatingFlip", "BiMamba", "LBMamba", "Mamba", "SRMamba", "stride_reorder", "stride_restore"]
 
@@ -61,7 +77,9 @@ def _skip(d_inner: int) -> nn.Parameter:
     return param
 
 
-def _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction):
+def _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction, impl="auto"):
+    if impl not in IMPLS:
+        raise ScanArgumentError(f"impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
     for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScanArgumentError(f"{name}: expected a positive int, got {value!r}")
@@ -93,6 +111,7 @@ class Mamba(nn.Module):
         direction: scan direction ("forward", "reverse", "bidirectional", "local_bidirectional").
         window: window of the local_bidirectional scan; None picks LBMamba's rule from the length.
         backend: selective-scan backend ("auto", "reference", "triton", "mamba_ssm").
+        impl: "auto", "fast" or "reference" layers (module docstring); the parameters are the same.
 
     Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
     """
@@ -100,16 +119,17 @@ class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 direction: str = "forward", window: int | None = None, backend: str = "auto"):
+                 direction: str = "forward", window: int | None = None, backend: str = "auto",
+                 impl: str = "auto"):
         super().__init__()
-        _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction)
+        _check_block_args(d_model, d_state, d_conv, expand, dt_rank, direction, impl)
         if window is not None and direction != "local_bidirectional":
             raise ScanArgumentError(f"window: only used by direction='local_bidirectional', got window={window!r} "
                                     f"with direction={direction!r}")
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.direction, self.window, self.backend = direction, window, backend
+        self.direction, self.window, self.backend, self.impl = direction, window, backend, impl
         self._dt_init = (dt_min, dt_max, dt_init_floor)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
@@ -120,8 +140,14 @@ class Mamba(nn.Module):
         self.D = _skip(self.d_inner)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def _fast(self, t: torch.Tensor) -> bool:
+        """Whether this call runs the fast layers (``impl``; "auto": on CUDA tensors)."""
+        return self.impl == "fast" or (self.impl == "auto" and t.is_cuda)
+
     def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
         """One branch after in_proj. x, z: (batch, d_inner, length) → y (batch, d_inner, length)."""
+        if self._fast(x):
+            return self._ssm_fast(x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window)
         length = x.shape[-1]
         x = F.silu(conv1d(x)[..., :length])  # conv pads both sides by d_conv − 1; the tail cut makes it causal
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -132,12 +158,33 @@ class Mamba(nn.Module):
             backend=self.backend,
         )
 
+    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
+        """The fast branch: x, z (batch, d_inner, length) with unit stride along the length (views of
+        in_proj's output are fine) → y (batch, d_inner, length)."""
+        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu")
+        # x_dbl = W_x x: (batch, dt_rank + 2·d_state, length), so Δ's low-rank part, B and C are rows
+        x_dbl = _channel_first(x_proj.weight, x)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = _channel_first(dt_proj.weight, dt)  # (batch, d_inner, length); bias goes to the scan
+        return selective_scan(
+            x, dt, -torch.exp(A_log.float()), B, C, D.float(), z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
+            backend=self.backend,
+        )
+
     def _in(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_hidden(hidden_states, self.d_model)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2·d_inner, length)
+        if self._fast(hidden_states):
+            # (batch, 2·d_inner, length) straight from the product: x and z are row views, no transpose copy
+            xz = _channel_first(self.in_proj.weight, hidden_states.transpose(1, 2), self.in_proj.bias)
+        else:
+            xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2·d_inner, length)
         return xz.chunk(2, dim=1)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
+        if self._fast(y):
+            out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(y.shape[0], -1, -1))
+            return out if self.out_proj.bias is None else out + self.out_proj.bias.to(out.dtype)
         return self.out_proj(y.transpose(1, 2))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -153,6 +200,16 @@ class Mamba(nn.Module):
         return self._out(y)
 
 
+def _channel_first(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W x per batch element: weight (out, in), x (batch, in, length) any strides → (batch, out, length) contiguous.
+
+    One batched product whose output is channel-first and row-contiguous, what the convolution and the
+    scan read. (``torch.matmul(weight, x)`` computes it as (xᵀ Wᵀ)ᵀ and returns a transposed view.)
+    """
+    out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return out if bias is None else out + bias.to(out.dtype)[:, None]  # in the product's dtype, as F.linear
+
+
 class LBMamba(Mamba):
     """Mamba block with the locally bidirectional scan (LBMamba).
 
@@ -165,6 +222,7 @@ class LBMamba(Mamba):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", window: int | None = None, backend: str = "auto", **kwargs):
+        # impl (and the other Mamba arguments) pass through kwargs
         if "direction" in kwargs:
             raise ScanArgumentError(
                 f"direction: LBMamba's scan is always local_bidirectional, got {kwargs['direction']!r}")

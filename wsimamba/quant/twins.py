@@ -180,6 +180,10 @@ class QuantMambaMixin(QuantTwin):
 
     # ---- forward: the float class's forward calls _in, _ssm, _out; _in is unchanged (in_proj quantizes)
 
+    def _fast(self, t: torch.Tensor) -> bool:
+        # the fast layers call the weights directly, past the quantized modules: the twin runs the reference layout
+        return False
+
     def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
         sfx = "" if conv1d is self.conv1d else "_b"
         length = x.shape[-1]

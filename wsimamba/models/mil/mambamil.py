@@ -10,6 +10,8 @@ The mixer is ``wsimamba.nn.SRMamba`` (sequence reordering with rate r), ``wsimam
 (Vim v2: forward and backward branches averaged) or ``wsimamba.nn.LBMamba`` (forward scan plus a
 backward scan inside local windows); for LBMamba the sequence is flipped after every layer so that
 successive layers alternate direction and the stack sees global context both ways.
+
+``impl`` picks the mixers' fast or reference layers (``wsimamba.nn.mamba``; "auto": fast on CUDA).
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ class MambaMILBase(MILModel):
 @register_model("mambamil", "MambaMIL: SRMamba layers (sequence reordering), attention pooling")
 def mambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
              d_state: int = 16, d_conv: int = 4, expand: int = 2, rate: int = 10, attn_dim: int = 128,
-             backend: str = "auto") -> MambaMILBase:
+             backend: str = "auto", impl: str = "auto") -> MambaMILBase:
     return MambaMILBase(
         in_dim, n_classes,
-        lambda d: wnn.SRMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, rate=rate, backend=backend),
+        lambda d: wnn.SRMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, rate=rate, backend=backend, impl=impl),
         d_model, layers, dropout, attn_dim,
     )
 
@@ -77,10 +79,10 @@ def mambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, d
 @register_model("bimambamil", "MambaMIL body with BiMamba layers (Vim v2: forward + backward, averaged)")
 def bimambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
                d_state: int = 16, d_conv: int = 4, expand: int = 2, attn_dim: int = 128,
-               backend: str = "auto") -> MambaMILBase:
+               backend: str = "auto", impl: str = "auto") -> MambaMILBase:
     return MambaMILBase(
         in_dim, n_classes,
-        lambda d: wnn.BiMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend),
+        lambda d: wnn.BiMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend, impl=impl),
         d_model, layers, dropout, attn_dim,
     )
 
@@ -88,9 +90,10 @@ def bimambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2,
 @register_model("lbmambamil", "MambaMIL body with LBMamba layers (local-bidirectional scan), flipped between layers")
 def lbmambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2, dropout: float = 0.25,
                d_state: int = 16, d_conv: int = 4, expand: int = 2, window: int | None = None,
-               attn_dim: int = 128, backend: str = "auto") -> MambaMILBase:
+               attn_dim: int = 128, backend: str = "auto", impl: str = "auto") -> MambaMILBase:
     return MambaMILBase(
         in_dim, n_classes,
-        lambda d: wnn.LBMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, window=window, backend=backend),
+        lambda d: wnn.LBMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, window=window, backend=backend,
+                              impl=impl),
         d_model, layers, dropout, attn_dim, flip_between_layers=True,
     )

@@ -1,0 +1,137 @@
+"""The Mamba blocks' fast layers (impl="fast") against their reference layers: same parameters, same
+function, forward and every parameter gradient (wsimamba/nn/mamba.py, module docstring).
+
+On CPU the fast layers run with the reference convolution and scan, so these tests check the layout
+work (batched products into channel-first rows, the fused convolution's contract, views passed to the
+scan); the `gpu` tests run the Triton convolution and scan at a bag's length.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wsimamba.nn as wnn
+from wsimamba.models.mil import create_model
+from wsimamba.ops.selective_scan import ScanArgumentError
+
+CUDA = torch.cuda.is_available()
+
+
+def _pair(make, seed):
+    """The same block twice, reference and fast layers, with equal parameters (made from `seed`)."""
+    torch.manual_seed(seed)
+    ref = make("reference")
+    fast = make("fast")
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _run(module, x, seed):
+    """Output and every parameter's gradient for the loss ⟨out, r⟩ with r random from `seed`."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    out = out.logits if hasattr(out, "logits") else out
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    (out.float() * r.float()).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad.detach(), grads
+
+
+def _rel(a, b):
+    """Largest error relative to the largest reference value."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _rel_norm(a, b):
+    """‖a − b‖ / ‖b‖: for bf16, where single elements carry rounding of 2⁻⁸ of their own size."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _compare(ref, fast, x, seed, tol):
+    out_r, dx_r, g_r = _run(ref, x, seed)
+    out_f, dx_f, g_f = _run(fast, x, seed)
+    assert out_f.dtype == out_r.dtype and out_f.shape == out_r.shape
+    assert _rel(out_f, out_r) < tol, f"output: relative error {_rel(out_f, out_r):.2e}"
+    assert _rel(dx_f, dx_r) < tol, f"input gradient: relative error {_rel(dx_f, dx_r):.2e}"
+    assert g_f.keys() == g_r.keys() and len(g_r) > 5
+    for name in g_r:
+        if g_r[name].abs().max() < 1e-6:  # zero up to rounding (an attention-logit bias under softmax)
+            assert g_f[name].abs().max() < 1e-6, name
+            continue
+        assert _rel(g_f[name], g_r[name]) < tol, f"{name}: relative error {_rel(g_f[name], g_r[name]):.2e}"
+
+
+BLOCKS = {
+    "mamba": lambda impl: wnn.Mamba(12, d_state=4, impl=impl, bias=True),
+    "mamba-reverse": lambda impl: wnn.Mamba(12, d_state=4, direction="reverse", impl=impl),
+    "lbmamba": lambda impl: wnn.LBMamba(12, d_state=4, d_conv=3, window=4, impl=impl),
+    "bimamba": lambda impl: wnn.BiMamba(12, d_state=4, impl=impl),
+    "srmamba": lambda impl: wnn.SRMamba(12, d_state=4, rate=3, impl=impl),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_fast_layers_match_the_reference_layers(name, seed):
+    """fp32: output, input gradient and every parameter gradient within 1e-4 relative, batch 2 of an odd
+    length (so the SRMamba reordering pads and the LB windows end mid-block)."""
+    ref, fast = _pair(BLOCKS[name], seed)
+    x = torch.randn(2, 37, 12, generator=torch.Generator().manual_seed(seed))
+    _compare(ref, fast, x, seed, 1e-4)
+
+
+def test_the_fast_path_is_what_runs(monkeypatch, seed):
+    """impl="fast" goes through the fused convolution op (a reference block never calls it), and "auto"
+    keeps the reference layers on CPU tensors."""
+    import wsimamba.nn.mamba as mamba
+
+    calls = []
+    real = mamba.causal_conv1d
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mamba, "causal_conv1d", spy)
+    x = torch.randn(1, 9, 8)
+    wnn.Mamba(8, d_state=4, impl="reference")(x)
+    wnn.Mamba(8, d_state=4)(x)  # auto, on CPU
+    assert calls == []
+    wnn.SRMamba(8, d_state=4, rate=2, impl="fast")(x)
+    assert calls == [(1, 16, 9), (1, 16, 10)]  # the forward branch, then the reordered one (padded to 10)
+
+
+def test_a_mil_model_with_fast_layers_matches_and_a_bad_impl_is_named(seed):
+    def make(impl):
+        return create_model("lbmambamil", 16, 2, d_model=8, d_state=4, layers=2, dropout=0.0, impl=impl)
+
+    ref, fast = _pair(make, seed)
+    x = torch.randn(1, 29, 16, generator=torch.Generator().manual_seed(seed))
+    _compare(ref.eval(), fast.eval(), x, seed, 1e-4)
+    with pytest.raises(ScanArgumentError, match="impl: expected one of auto, fast, reference, got 'fused'"):
+        wnn.Mamba(8, impl="fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", ["lbmamba", "srmamba", "bimamba"])
+def test_fast_layers_on_the_gpu_match_at_a_bags_length(name, seed):
+    """CUDA, Triton convolution and scan in both; a 10,003-patch bag at the papers' width (d_model 512, so
+    d_inner 1024); fp32 within 1e-4 relative, and under bf16 autocast both within 1e-2 of each other."""
+    makers = {
+        "lbmamba": lambda impl: wnn.LBMamba(512, impl=impl),
+        "srmamba": lambda impl: wnn.SRMamba(512, impl=impl),
+        "bimamba": lambda impl: wnn.BiMamba(512, impl=impl),
+    }
+    ref, fast = _pair(makers[name], seed)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(1, 10_003, 512, generator=torch.Generator().manual_seed(seed)).cuda()
+    _compare(ref, fast, x, seed, 1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_r, dx_r, g_r = _run(ref, x, seed)
+        out_f, dx_f, g_f = _run(fast, x, seed)
+    assert out_f.dtype == out_r.dtype == torch.bfloat16
+    assert _rel_norm(out_f, out_r) < 1e-2 and _rel_norm(dx_f, dx_r) < 1e-2
+    for n in g_r:
+        assert _rel_norm(g_f[n], g_r[n]) < 1e-2, f"{n}: relative error {_rel_norm(g_f[n], g_r[n]):.2e}"
