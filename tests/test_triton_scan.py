@@ -663,3 +663,29 @@ def test_gpu_batched_bf16_through_dispatch():
     assert _rel(out, out_ref) < 2e-2
     for k in g_ref:
         assert _rel(g[k], g_ref[k]) < 2e-2, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 16)])
+def test_gpu_bf16_B_and_C_take_the_shared_memory_rows(direction, window, monkeypatch):
+    # under autocast x_proj hands the scan bf16 B and C; their row copies are fp32 (`_transposed_rows`), so the
+    # kernels stage them in shared memory as for fp32 B and C, and the results match the reference on the same values
+    args = _inputs(1, 192, 3008, 16, dtype=torch.bfloat16, device="cuda")
+    args["B"], args["C"] = args["B"].bfloat16(), args["C"].bfloat16()
+    ref_args = {k: (v.float() if v is not None else None) for k, v in args.items()}
+    out_ref, g_ref = _run(selective_scan_reference, ref_args, _grad_like(args), delta_softplus=True,
+                          direction=direction, window=window)
+    smem, fits = {}, ks._shuffles_fit
+
+    def spy(kernel, a, consts, grid, layout):
+        ok = fits(kernel, a, consts, grid, layout)
+        smem[kernel.fn.__name__] = consts["SMEM_ROWS"] and ok
+        return ok
+
+    monkeypatch.setattr(ks, "_shuffles_fit", spy)
+    out, g = _run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction, window=window)
+    assert smem == {"_fwd_seq_kernel": True, "_bwd_seq_kernel": True}, smem
+    assert g["B"].dtype == g["C"].dtype == torch.bfloat16
+    assert _rel(out, out_ref) < 2e-2
+    for k in g_ref:
+        assert _rel(g[k], g_ref[k]) < 2e-2, k
