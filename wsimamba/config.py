@@ -148,6 +148,11 @@ class TrainDataConfig(StrictModel):
     workers: int = Field(0, ge=0, description="DataLoader workers reading bags")
     max_instances: int | None = Field(None, ge=1, description="train on a random subset of at most this many patches per bag and step")
     normalize: bool = Field(True, description="standardise each feature dimension with the training fold's mean and std")
+    gpu_cache: Literal["auto"] | bool = Field(
+        "auto", description="keep each bag's features in GPU memory after its first read (CUDA only; the loaders "
+        "then read without workers): "
+        "true caches every bag of the fold or fails if they do not fit; auto caches when they fit in half of the "
+        "free GPU memory; false never")
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -141,12 +141,49 @@ class FeatureSource:
     def exists(self, slide_id: str) -> bool:
         return self.locate(slide_id) is not None
 
-    def read(self, slide_id: str) -> Bag:
+    def _found(self, slide_id: str) -> tuple[Path, str]:
         found = self.locate(slide_id)
         if found is None:
             where = " or ".join(str(p) for p, _ in self.candidates(slide_id))
             raise FeatureStoreError(f"no features for slide {slide_id!r} (looked for {where})")
-        path, kind = found
+        return found
+
+    def shape(self, slide_id: str) -> tuple[int, int]:
+        """(N, D) of a slide's features from the file's metadata, without reading the features
+        (a pt file is memory-mapped, not read; one in torch's old, unmappable format is read)."""
+        path, kind = self._found(slide_id)
+        if kind == "h5":
+            import h5py
+
+            try:
+                with h5py.File(path, "r") as f:
+                    if "features" not in f:
+                        raise FeatureStoreError(f"{path}: no dataset 'features'")
+                    shape = tuple(f["features"].shape)
+            except OSError as e:
+                raise FeatureStoreError(f"{path}: not a readable HDF5 file ({e})") from e
+        elif kind == "zarr":
+            import zarr
+
+            group = zarr.open_group(str(path), mode="r")
+            if "features" not in group:
+                raise FeatureStoreError(f"{path}: no array 'features'")
+            shape = tuple(group["features"].shape)
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                feats = obj.get("features", obj.get("feats")) if isinstance(obj, dict) else obj
+                shape = tuple(feats.shape)
+            except Exception:  # not mappable (legacy format) or malformed: read() says which, or reads it
+                shape = tuple(self.read(slide_id).features.shape)
+        while len(shape) > 2 and shape[0] == 1:  # the batch axis of one that _check_bag drops
+            shape = shape[1:]
+        if len(shape) != 2:
+            raise FeatureStoreError(f"{path}: features must be (N >= 1, D), got shape {shape}")
+        return int(shape[0]), int(shape[1])
+
+    def read(self, slide_id: str) -> Bag:
+        path, kind = self._found(slide_id)
         if kind == "h5":
             bag = _read_h5(path, slide_id)
         elif kind == "pt":
@@ -224,6 +261,17 @@ class BagDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slide_ids)
 
+    def feature_bytes(self, i: int) -> int:
+        """Bytes of bag i's features as served (float32 (N, D)), from the file's metadata alone."""
+        if self._cache is not None:
+            return self._cache[i].numel() * 4
+        n, d = self.source.shape(self.slide_ids[i])
+        return n * d * 4
+
+    def meta(self, i: int) -> dict:
+        """Item i without its features: what a cache of the features completes to ``self[i]``."""
+        return {"label": torch.tensor(self.labels[i]), "index": i}
+
     def __getitem__(self, i: int) -> dict:
         feats = self._cache[i] if self._cache is not None else self._load(self.slide_ids[i])
-        return {"features": feats, "label": torch.tensor(self.labels[i]), "index": i}
+        return {"features": feats, **self.meta(i)}

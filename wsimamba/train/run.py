@@ -43,8 +43,9 @@ from wsimamba.train.module import NonFiniteLossError
 from wsimamba.atomic import write_text_atomic
 
 # Keys that change where or how fast a run computes, not what it computes: a resumed run may differ in them.
-_NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("train", "devices"),
-                    ("train", "accelerator"), ("train", "strategy"), ("train", "num_nodes"), ("out",)}
+_NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("data", "gpu_cache"),
+                    ("train", "devices"), ("train", "accelerator"), ("train", "strategy"), ("train", "num_nodes"),
+                    ("out",)}
 
 
 @dataclass
@@ -225,7 +226,8 @@ def _train_fold(cfg: TrainConfig, cohort: Cohort, dataset: BagDataset, fold: Fol
                        class_weights=weights, max_instances=cfg.data.max_instances, normalize=cfg.data.normalize)
     if cfg.data.normalize:
         module.set_feature_stats(*feature_stats(dataset[i]["features"] for i in fold.train))
-    dm = MILDataModule(dataset, fold.train, fold.val, fold.test, workers=cfg.data.workers, seed=t.seed + fold.index)
+    dm = MILDataModule(dataset, fold.train, fold.val, fold.test, workers=cfg.data.workers, seed=t.seed + fold.index,
+                       gpu_cache=cfg.data.gpu_cache)
     es = t.early_stopping
     monitor, mode = ("val_select", "max") if es.monitor == "val_auc" else ("val_loss", "min")
     callbacks = []
