@@ -217,3 +217,42 @@ def test_shipped_configs_validate():
     from wsimamba.train.run import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "32-true"
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.parametrize("n_bags, bad_step, with_val, epoch, steps_run, val_steps_run", [
+    (40, 5, False, 0, 32, 0),   # found at the check every 32 steps, not at once
+    (40, 36, False, 0, 40, 0),  # found at the end of the epoch
+    (10, 12, True, 1, 20, 2),   # found before the second validation runs
+])
+def test_nan_loss_names_the_first_step_when_checked_later(one_thread, n_bags, bad_step, with_val, epoch, steps_run,
+                                                          val_steps_run):
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from wsimamba.train.module import MILModule, NonFiniteLossError
+    from wsimamba.train.run import _quiet_lightning
+
+    g = torch.Generator().manual_seed(0)
+    bags = [{"features": torch.randn(6, 4, generator=g), "label": i % 2} for i in range(n_bags)]
+    counts = {"train": 0, "val": 0}
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            counts["train"] += 1
+            if trainer.global_step == bad_step:
+                batch["features"].fill_(float("nan"))
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            counts["val"] += 1
+
+    module = MILModule("meanpool", 4, 2, {"d_model": 8}, max_epochs=3)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Poison()])
+    val = DataLoader(bags[:2], batch_size=1) if with_val else None
+    with _quiet_lightning(), pytest.raises(NonFiniteLossError,
+                                           match=f"became nan at epoch {epoch}, step {bad_step} .*train.lr"):
+        trainer.fit(module, DataLoader(bags, batch_size=1), val)
+    assert counts == {"train": steps_run, "val": val_steps_run}
