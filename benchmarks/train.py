@@ -7,6 +7,13 @@ same process on the same device.
 
     python benchmarks/train.py                                  # CPU, small bags (about a minute on 2 cores)
     python benchmarks/train.py --device cuda --bags 64 --instances 8000 --d-model 512
+    python benchmarks/train.py --gpu                            # issue 10's suite, below
+
+``--gpu`` runs issue 10's suite on CUDA instead (`gpu_suite`): ms per bag training step (forward,
+cross-entropy, backward, AdamW step; no data loading) of abmil, mambamil and lbmambamil at 10k and
+50k patches, bf16 autocast and fp32, with the Mamba models' fast layers and their reference layers
+in the same process; seconds per epoch of 400 bags x 10k patches through the real training path; peak
+memory of a training step at 100k and 200k patches.
 
 Prints one JSON object (and writes it to --json when given).
 """
@@ -29,7 +36,235 @@ from _device import device_name  # benchmarks/ is on sys.path when a script here
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+MAMBA_MODELS = ("mambamil", "bimambamil", "lbmambamil")
+# where the --gpu suite runs: "cuda", or "cpu" for a smoke run of the script itself (--gpu-smoke, tiny sizes)
+DEV = "cuda"
 
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_model(name: str, in_dim: int, d_model: int, layers: str | None, device: str):
+    from wsimamba.models.mil import create_model
+
+    kw = {"d_model": d_model}
+    if name in MAMBA_MODELS and layers not in (None, "default"):  # "default": the model as it stands (older code)
+        kw["impl"] = layers
+    torch.manual_seed(0)
+    return create_model(name, in_dim, 2, **kw).to(device)
+
+
+def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim: int = 1024, d_model: int = 512,
+            steps: int = 10, repeats: int = 5) -> dict:
+    """Median over `repeats` of the mean ms of `steps` back-to-back training steps on one bag (1, instances, in_dim):
+    forward under bf16 autocast (or fp32), cross-entropy, backward, AdamW step, as MILModule trains, without
+    the data loader and Lightning around it. Also the peak memory of a step (GiB)."""
+    import torch.nn.functional as F
+
+    model = _step_model(name, in_dim, d_model, layers, DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
+    x = torch.randn(1, instances, in_dim, device=DEV)
+    y = torch.ones(1, dtype=torch.long, device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    _sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    _sync()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    means = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync()
+        means.append((time.perf_counter() - t0) * 1e3 / steps)
+    del model, opt, x
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return {"ms": round(statistics.median(means), 3), "ms_all": [round(m, 3) for m in means], "peak_gib": round(peak, 3)}
+
+
+def profile_step(name: str, instances: int, layers: str | None, rows: int = 30) -> str:
+    """torch.profiler's table of the CUDA kernels of one bf16 training step (for finding where a step's time goes)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _step_model(name, 1024, 512, layers, DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
+    x = torch.randn(1, instances, 1024, device=DEV)
+    y = torch.ones(1, dtype=torch.long, device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            logits = model(x).logits
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+        for _ in range(3):
+            step()
+        _sync()
+    launches = sum(e.count for e in prof.key_averages() if e.key.startswith("cuda") and "Launch" in e.key) / 3
+    head = f"# {name} {instances} patches, layers={layers}: ~{launches:.0f} kernel launches per step\n"
+    return head + prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+
+
+def host_profile(name: str, instances: int, layers: str | None, steps: int = 20, rows: int = 25) -> str:
+    """cProfile of `steps` bf16 training steps: where the host's time goes (a step of a few ms of GPU work
+    can be bound by the Python that launches it)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch.nn.functional as F
+
+    model = _step_model(name, 1024, 512, layers, DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
+    x = torch.randn(1, instances, 1024, device=DEV)
+    y = torch.ones(1, dtype=torch.long, device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            logits = model(x).logits
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    _sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    _sync()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    return f"# host profile {name} {instances} layers={layers}: {wall:.2f} ms per step under cProfile\n" + text.getvalue()
+
+
+def gpu_suite(args) -> dict:
+    """Issue 10's benchmark (module docstring)."""
+    if DEV == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    layer_kinds = args.layers.split(",")
+    out = {"benchmark": "train --gpu", "device": device_name(DEV), "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__, "in_dim": 1024, "d_model": 512, "layers": layer_kinds, "steps": {}}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for name in args.models.split(","):
+        for n in (int(v) for v in args.step_instances.split(",")):
+            for precision in args.precisions.split(","):
+                kinds = layer_kinds if name in MAMBA_MODELS else [None]
+                for kind in kinds:
+                    r = step_ms(name, n, precision == "bf16", kind)
+                    key = f"{name}/{n}/{precision}" + (f"/{kind}" if kind else "")
+                    out["steps"][key] = r
+                    print(f"{key}: {r['ms']:.2f} ms  peak {r['peak_gib']:.2f} GiB", file=sys.stderr, flush=True)
+    for name in args.profile.split(",") if args.profile else []:
+        for kind in layer_kinds:
+            print(profile_step(name, args.profile_instances, kind if name in MAMBA_MODELS else None), file=sys.stderr, flush=True)
+            print(host_profile(name, args.profile_instances, kind if name in MAMBA_MODELS else None), file=sys.stderr, flush=True)
+    memory = {}
+    for n in (int(v) for v in args.memory_instances.split(",")) if args.memory_instances else []:
+        for kind in layer_kinds:
+            r = step_ms("lbmambamil", n, True, kind, steps=1, repeats=1)
+            memory[f"lbmambamil/{n}/bf16/{kind}"] = r
+            print(f"memory lbmambamil/{n}/{kind}: {r['peak_gib']:.2f} GiB, {r['ms']:.1f} ms", file=sys.stderr, flush=True)
+    out["memory"] = memory
+    if args.epoch_bags:
+        out["epochs"] = epoch_seconds(args, args.epoch_layers.split(","))
+    return out
+
+
+def epoch_seconds(args, layer_kinds: list[str]) -> dict:
+    """Seconds per epoch of `--epoch-bags` bags of `--epoch-instances` patches (1024-d fp32 h5 files written
+    here) through the real training path: MILModule + MILDataModule (its default gpu_cache="auto" keeps the
+    bags on the GPU after the first epoch's read) + Lightning Trainer, bf16-mixed, no validation. One warm-up
+    epoch (reads the files, compiles), then the median of `--epochs` timed ones."""
+    import types
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from wsimamba.data.bags import BagDataset, FeatureSource
+    from wsimamba.data.labels import read_labels
+    from wsimamba.data.synthetic import write_cohort
+    from wsimamba.train.datamodule import MILDataModule
+    from wsimamba.train.module import MILModule
+
+    class EpochTimer(Callback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module):
+            _sync()
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            _sync()
+            self.seconds.append(time.perf_counter() - self.t0)
+            cache = getattr(trainer.datamodule, "cache", None)  # freed when fit ends
+            self.cached = cache.nbytes if cache is not None else None
+
+    n, count = args.epoch_instances, args.epoch_bags
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        bags = (torch.randn(n, 1024, device=DEV, generator=gen).cpu().numpy() for _ in range(count))
+        feats, labels = write_cohort(tmp, types.SimpleNamespace(bags=bags, labels=[i % 2 for i in range(count)]))
+        write_s = time.perf_counter() - t0
+        table = read_labels(labels)
+        dataset = BagDataset(FeatureSource(feats), table.slide_ids, table.labels)
+        runs = [("abmil", None)] + [(m, k) for m in args.epoch_models.split(",") for k in layer_kinds]
+        for name, kind in runs:
+            kw = {"d_model": 512} | ({"impl": kind} if kind else {})
+            L.seed_everything(0, verbose=False)
+            module = MILModule(name, 1024, 2, kw, lr=1e-4, max_epochs=args.epochs + 1)
+            dm = MILDataModule(dataset, list(range(count)), [], [], seed=0)
+            timer = EpochTimer()
+            trainer = L.Trainer(max_epochs=args.epochs + 1, accelerator="gpu" if DEV == "cuda" else "cpu", devices=1,
+                                precision="bf16-mixed" if DEV == "cuda" else "32-true",
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+            trainer.fit(module, datamodule=dm)
+            key = name + (f"/{kind}" if kind else "")
+            results[key] = {"seconds_per_epoch": round(statistics.median(timer.seconds[1:]), 3),
+                            "first_epoch_s": round(timer.seconds[0], 2),
+                            "epochs_s": [round(t, 3) for t in timer.seconds[1:]],
+                            "gpu_cache_gib": round(timer.cached / 2**30, 2) if timer.cached is not None else None}
+            print(f"epoch {key}: {results[key]}", file=sys.stderr, flush=True)
+            del module, dm, trainer
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    return {"bags": count, "instances": n, "files_written_s": round(write_s, 1), "results": results}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +284,28 @@ def main(argv: list[str] | None = None) -> dict:
                          "(results of the scan kind are named MODEL+scan-bwd)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--gpu", action="store_true", help="run issue 10's suite on CUDA (module docstring)")
+    ap.add_argument("--layers", default="fast,reference", help="--gpu: Mamba layer implementations to compare")
+    ap.add_argument("--step-instances", default="10000,50000", help="--gpu: bag sizes of the step timings")
+    ap.add_argument("--precisions", default="bf16,fp32", help="--gpu: bf16 (autocast) and/or fp32")
+    ap.add_argument("--memory-instances", default="100000,200000", help="--gpu: bag sizes of the peak-memory runs")
+    ap.add_argument("--profile", default="", help="--gpu: models whose 10k bf16 step is profiled (kernel table)")
+    ap.add_argument("--epoch-bags", type=int, default=400, help="--gpu: bags of the epoch timing (0: skip it)")
+    ap.add_argument("--epoch-instances", type=int, default=10_000, help="--gpu: patches per bag of the epoch timing")
+    ap.add_argument("--epoch-models", default="lbmambamil", help="--gpu: Mamba models of the epoch timing (abmil too)")
+    ap.add_argument("--epoch-layers", default="fast", help="--gpu: Mamba layer implementations of the epoch timing")
+    ap.add_argument("--profile-instances", type=int, default=10_000, help="--gpu: bag size of the profiles")
+    ap.add_argument("--gpu-smoke", action="store_true", help="run the --gpu suite on the CPU at the sizes given (checks the script)")
     args = ap.parse_args(argv)
+    if args.gpu or args.gpu_smoke:
+        global DEV
+        DEV = "cpu" if args.gpu_smoke else "cuda"
+        out = gpu_suite(args)
+        text = json.dumps(out, indent=2)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+        return out
 
     import lightning as L
     from lightning.pytorch.callbacks import Callback
