@@ -167,6 +167,10 @@ def test_gpu_cache_on_cuda(dataset, reads):
     class Inspect(L.Callback):
         def on_train_epoch_end(self, trainer, module):
             dm = trainer.datamodule
+            # every tensor of a batch as the loader serves it, before Lightning's transfer, is on the GPU already:
+            # none is copied from the host each step
+            batch = next(iter(dm.train_dataloader()))
+            seen["batch"] = {v.device.type for v in batch.values() if torch.is_tensor(v)}
             seen[trainer.current_epoch] = {i: t.device.type for i, t in dm.cache.bags.items()}
 
     dm = MILDataModule(dataset, TRAIN, VAL, TEST, gpu_cache=True)
@@ -176,6 +180,7 @@ def test_gpu_cache_on_cuda(dataset, reads):
                         callbacks=[Inspect()])
     reads.clear()
     trainer.fit(module, datamodule=dm)
+    assert seen.pop("batch") == {"cuda"}
     assert set(seen) == {0, 1}
     for bags in seen.values():  # train and validation bags, all on the GPU
         assert sorted(bags) == TRAIN + VAL and set(bags.values()) == {"cuda"}

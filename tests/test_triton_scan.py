@@ -685,7 +685,6 @@ def test_gpu_bf16_B_and_C_take_the_shared_memory_rows(direction, window, monkeyp
     monkeypatch.setattr(ks, "_shuffles_fit", spy)
     out, g = _run(ks.selective_scan, args, _grad_like(args), delta_softplus=True, direction=direction, window=window)
     assert smem == {"_fwd_seq_kernel": True, "_bwd_seq_kernel": True}, smem
-    assert g["B"].dtype == g["C"].dtype == torch.bfloat16
     assert _rel(out, out_ref) < 2e-2
     for k in g_ref:
         assert _rel(g[k], g_ref[k]) < 2e-2, k

@@ -19,8 +19,7 @@ Two implementations of the same function (``impl``):
 - ``fast``       the same parameters, laid out for the kernels: in_proj, x_proj and dt_proj are batched
                  products whose outputs are already (batch, channels, length), so x, z, Δ, B and C reach
                  the fused convolution (``wsimamba.ops.causal_conv1d``, causal depthwise conv + SiLU in one
-                 kernel that recomputes its activation in the backward) and the scan without a layout copy;
-                 out_proj reads y (batch, d_inner, length) transposed in place.
+                 kernel that recomputes its activation in the backward) and the scan without a layout copy.
 - ``auto``       ``fast`` on CUDA tensors, ``reference`` elsewhere.
 
 Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).
@@ -182,9 +181,7 @@ class Mamba(nn.Module):
         return xz.chunk(2, dim=1)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
-        if self._fast(y):
-            out = torch.bmm(y.transpose(1, 2), self.out_proj.weight.t().expand(y.shape[0], -1, -1))
-            return out if self.out_proj.bias is None else out + self.out_proj.bias.to(out.dtype)
+        # both layers: y (batch, d_inner, length) read transposed in place (a copy only for batch > 1)
         return self.out_proj(y.transpose(1, 2))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -203,10 +200,15 @@ class Mamba(nn.Module):
 def _channel_first(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W x per batch element: weight (out, in), x (batch, in, length) any strides → (batch, out, length) contiguous.
 
-    One batched product whose output is channel-first and row-contiguous, what the convolution and the
-    scan read. (``torch.matmul(weight, x)`` computes it as (xᵀ Wᵀ)ᵀ and returns a transposed view.)
+    A product whose output is channel-first and row-contiguous, what the convolution and the scan read
+    (``torch.matmul(weight, x)`` computes it as (xᵀ Wᵀ)ᵀ and returns a transposed view). One bag (batch 1,
+    how MIL trains) is a plain ``mm`` with the weight itself, whose cast autocast caches for the step; a
+    batch is a ``bmm`` against the expanded weight.
     """
-    out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    if x.shape[0] == 1:
+        out = torch.mm(weight, x[0]).unsqueeze(0)
+    else:
+        out = torch.bmm(weight.expand(x.shape[0], -1, -1), x)
     return out if bias is None else out + bias.to(out.dtype)[:, None]  # in the product's dtype, as F.linear
 
 

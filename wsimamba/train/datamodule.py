@@ -23,15 +23,18 @@ GpuCache = Literal["auto"] | bool
 class DeviceBagCache(Dataset):
     """A :class:`BagDataset` whose features stay on `device` after their first read.
 
-    Item i: as ``dataset[i]``, with ``features`` float32 (N, D) on `device`. The first access reads
-    the file (or the RAM copy) and moves it; later ones return the same device tensor and build the
-    other keys from ``dataset.meta(i)``, touching neither the file nor host memory. A bag is cached
-    only when served, so each distributed rank holds the bags it was given.
+    Item i: as ``dataset[i]``, with ``features`` float32 (N, D), ``label`` and ``index`` (0-d int64) on
+    `device`. The first access reads the file (or the RAM copy) and moves it; later ones return the
+    same device tensors, touching neither the file nor host memory. The label and index live there too:
+    a host tensor in the batch would make Lightning copy it from pageable memory each step, a copy that
+    waits for the GPU to finish the previous step, so the host could not queue the next one meanwhile.
+    A bag is cached only when served, so each distributed rank holds the bags it was given.
     """
 
     def __init__(self, dataset: BagDataset, device: torch.device | str):
         self.dataset, self.device = dataset, torch.device(device)
         self.bags: dict[int, torch.Tensor] = {}
+        self._keys: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -39,10 +42,12 @@ class DeviceBagCache(Dataset):
     def __getitem__(self, i: int) -> dict:
         feats = self.bags.get(i)
         if feats is not None:
-            return {"features": feats, **self.dataset.meta(i)}
+            return {"features": feats, **self._keys[i]}
         item = self.dataset[i]
         feats = self.bags[i] = item["features"].to(self.device)
-        return {**item, "features": feats}
+        self._keys[i] = {k: (torch.as_tensor(v).to(self.device) if k in ("label", "index") else v)
+                         for k, v in item.items() if k != "features"}
+        return {"features": feats, **self._keys[i]}
 
     @property
     def nbytes(self) -> int:
@@ -131,6 +136,7 @@ class MILDataModule(L.LightningDataModule):
         # the trainer is collected, and the next fold's cache needs the memory.
         if self.cache is not None:
             self.cache.bags.clear()
+            self.cache._keys.clear()
             self.cache = None
 
     def on_exception(self, exception: BaseException) -> None:
