@@ -135,3 +135,46 @@ def test_fast_layers_on_the_gpu_match_at_a_bags_length(name, seed):
     assert _rel_norm(out_f, out_r) < 1e-2 and _rel_norm(dx_f, dx_r) < 1e-2
     for n in g_r:
         assert _rel_norm(g_f[n], g_r[n]) < 1e-2, f"{n}: relative error {_rel_norm(g_f[n], g_r[n]):.2e}"
+
+
+@pytest.mark.parametrize("name", ["lbmambamil", "mambamil"])
+def test_training_curves_match_the_reference_layers(name, seed):
+    """Eight planted-witness bags of odd lengths, four epochs of AdamW, one bag per step as MILModule
+    trains: the fast layers' loss curve is the reference layers' to rounding, and both learn."""
+    from wsimamba.data.synthetic import witness_bags
+
+    data = witness_bags(8, dim=16, instances=(21, 47), seed=seed % 1000)
+    bags = [(torch.from_numpy(x)[None], torch.tensor([int(y)])) for x, y in zip(data.bags, data.labels)]
+    curves = {}
+    for impl in ("reference", "fast"):
+        torch.manual_seed(seed)
+        model = create_model(name, 16, 2, d_model=16, d_state=4, dropout=0.0, impl=impl)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(4):
+            total = 0.0
+            for x, y in bags:
+                loss = torch.nn.functional.cross_entropy(model(x).logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item()
+            losses.append(total / len(bags))
+        curves[impl] = torch.tensor(losses)
+    assert torch.allclose(curves["fast"], curves["reference"], rtol=1e-4, atol=1e-6), curves
+    assert curves["fast"][-1] < curves["fast"][0], curves
+
+
+def test_the_config_key_reaches_the_model_and_a_bad_value_is_named():
+    from pydantic import ValidationError
+
+    from wsimamba.config import TrainModelConfig
+    from wsimamba.errors import ConfigError
+
+    cfg = TrainModelConfig(name="lbmambamil", d_model=8, d_state=4, impl="reference")
+    model = create_model(cfg.name, 16, 2, **cfg.kwargs())
+    assert {m.impl for m in model.modules() if isinstance(m, wnn.Mamba)} == {"reference"}
+    with pytest.raises(ValidationError, match="impl"):
+        TrainModelConfig(name="lbmambamil", impl="fused")
+    with pytest.raises(ConfigError, match="model.impl does not apply to 'abmil'"):
+        create_model("abmil", 16, 2, **TrainModelConfig(name="abmil", impl="fast").kwargs())

@@ -178,6 +178,8 @@ class TrainModelConfig(StrictModel):
     landmarks: int | None = Field(None, ge=1)
     pinv_iters: int | None = Field(None, ge=0)
     backend: str | None = None
+    impl: Literal["auto", "fast", "reference"] | None = Field(
+        None, description="Mamba models' layers: auto (fast on a GPU), fast or reference (same parameters and function)")
 
     def kwargs(self) -> dict[str, Any]:
         """The model's constructor keywords: every key that was set, except name."""

@@ -44,8 +44,8 @@ from wsimamba.atomic import write_text_atomic
 
 # Keys that change where or how fast a run computes, not what it computes: a resumed run may differ in them.
 _NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("data", "gpu_cache"),
-                    ("train", "devices"), ("train", "accelerator"), ("train", "strategy"), ("train", "num_nodes"),
-                    ("out",)}
+                    ("model", "impl"), ("train", "devices"), ("train", "accelerator"), ("train", "strategy"),
+                    ("train", "num_nodes"), ("out",)}
 
 
 @dataclass
