@@ -18,6 +18,13 @@ Per batch b, channel d and state n, with Δ = softplus(delta + delta_bias) when 
                          y_t = C_t·(h_t + a_t g_{t+1}) + D u_t
     out = y · silu(z) when z is given.
 
+Packed sequences (``seq_idx``, (batch, length) int, nondecreasing along the length, mamba-ssm's
+convention): a new sequence starts wherever seq_idx changes, and every sequence is scanned as if alone:
+h restarts at its first token, the reverse scan at its last, and local_bidirectional's windows are
+counted from its first token (so a window never spans two sequences). The reference and the naive
+oracle take it; the kernels do not yet (``auto`` then runs the reference; asking for another backend by
+name is a ScanBackendError).
+
 State and accumulation are fp32 (fp64 when any input is fp64, for gradcheck); the output has u's dtype.
 
 Backends
@@ -117,7 +124,37 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ScanArgumentError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
 
 
-def _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state) -> _Sizes:
+def _check_seq_idx(seq_idx, batch: int, length: int, device, direction: str, window) -> None:
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
+        raise ScanArgumentError(f"seq_idx: expected an int32/int64 tensor, got "
+                                f"{seq_idx.dtype if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__}")
+    if tuple(seq_idx.shape) != (batch, length):
+        raise ScanArgumentError(f"seq_idx: expected shape ({batch}, {length}), got {_shape(seq_idx)}")
+    if seq_idx.device != device:
+        raise ScanArgumentError(f"seq_idx: on {seq_idx.device}, but u is on {device}")
+    if length > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+        raise ScanArgumentError("seq_idx: must be nondecreasing along the length (one id per packed sequence, in order)")
+    if direction == "local_bidirectional" and window is None:
+        raise ScanArgumentError("window: give it with seq_idx (LBMamba's default depends on each sequence's length)")
+
+
+def _segment_resets(seq_idx: torch.Tensor, window: int | None):
+    """(batch, length) bool masks of a packing: where a sequence starts (the forward scan drops its carry
+    there), where one ends (the reverse scan drops it), and for a local window where the local reverse
+    scan restarts (the last token of a window counted from its sequence's first token, or of the sequence)."""
+    change = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start = F.pad(change, (1, 0), value=True)
+    end = F.pad(change, (0, 1), value=True)
+    if window is None:
+        return start, end, None
+    pos = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), dim=1).values  # its sequence's first token
+    return start, end, end | ((pos - first + 1) % window == 0)
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state, seq_idx=None) -> _Sizes:
     _check_float("u", u)
     if u.dim() != 3:
         raise ScanArgumentError(f"u: expected shape (batch, dim, length), got {_shape(u)}")
@@ -168,6 +205,7 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_l
         if direction != "local_bidirectional":
             raise ScanArgumentError(f"window: only used by direction='local_bidirectional', got window={window} "
                                     f"with direction={direction!r}")
+    _check_seq_idx(seq_idx, batch, length, u.device, direction, window)
     if direction == "local_bidirectional" and window is None:
         window = default_window(length)
     if return_last_state and direction != "forward":
@@ -203,14 +241,14 @@ def _as_grouped(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         direction="forward", window=None, return_last_state=False):
+                         direction="forward", window=None, return_last_state=False, seq_idx=None):
     """The selective scan written as literally as possible: one Python step per token.
 
     Materialises (batch, dim, length, state); for tests (the oracle) and tiny inputs only.
     Shapes and arguments as :func:`selective_scan`; returns out (batch, dim, length) in u's dtype, and
     with ``return_last_state`` also the last state (batch, dim, state) in the compute dtype.
     """
-    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state)
+    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state, seq_idx)
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     dt = _discretised_delta(delta, delta_bias, delta_softplus, dtype)  # (b, d, l)
     per_channel = sizes.dim // sizes.groups
@@ -224,10 +262,17 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     # unbind, not indexing per step: one backward node per tensor instead of one full-size gradient per step
     decay_t, inp_t, C_t = decay.unbind(2), inp.unbind(2), Cd.unbind(3)
 
-    def states(order):
+    starts = ends = local_ends = None
+    if seq_idx is not None:
+        starts, ends, local_ends = (None if m is None else m.to(dtype)[:, :, None, None]  # 1 where the carry drops
+                                    for m in _segment_resets(seq_idx, sizes.window if direction == "local_bidirectional" else None))
+
+    def states(order, drops=None):
         h = torch.zeros_like(inp_t[0])
         out = [None] * L
         for t in order:
+            if drops is not None:
+                h = h * (1 - drops[:, t])  # the first token of a packed sequence along the travel
             h = decay_t[t] * h + inp_t[t]
             out[t] = h
         return out, h
@@ -238,15 +283,24 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     skip = uc * D.to(dtype)[:, None] if D is not None else torch.zeros_like(uc)
     last = None
     if direction in ("forward", "bidirectional", "local_bidirectional"):
-        fwd, last = states(range(L))
+        fwd, last = states(range(L), starts)
     if direction in ("reverse", "bidirectional"):
-        rev, _ = states(reversed(range(L)))
+        rev, _ = states(reversed(range(L)), ends)
     if direction == "forward":
         y = read(fwd) + skip
     elif direction == "reverse":
         y = read(rev) + skip
     elif direction == "bidirectional":
         y = read(fwd) + skip + read(rev) + skip
+    elif seq_idx is not None:
+        H = [None] * L
+        g_next = torch.zeros_like(inp_t[0])
+        for t in reversed(range(L)):
+            g_next = g_next * (1 - local_ends[:, t])  # nothing crosses back over a window's or a sequence's end
+            carried = decay_t[t] * g_next
+            H[t] = fwd[t] + carried
+            g_next = carried + inp_t[t]
+        y = read(H) + skip
     else:
         H = [None] * L
         for start in range(0, L, sizes.window):
@@ -266,13 +320,15 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 # the chunked reference
 
 
-def _scan_chunk(dt, dtu, B, C, A, h_in, *, start, reverse, window, exclude_input):
+def _scan_chunk(dt, dtu, B, C, A, h_in, *, start, reverse, window, exclude_input, resets=None):
     """One chunk of the linear recurrence, read out through C.
 
     dt, dtu: (batch, dim, m) Δ and Δ·u; B, C: (batch, groups, state, m); A: (dim, state);
     h_in: (batch, dim, state), the state carried into the chunk along the direction of travel.
     The chunk covers tokens [start, start + m) of the sequence; travel runs backwards when ``reverse``.
-    With ``window``, the carry is dropped at window boundaries (the local scan's restart).
+    With ``window``, the carry is dropped at window boundaries (the local scan's restart). With
+    ``resets`` ((batch, m) bool, in sequence order), the carry into every position marked True (from
+    the position before it along the direction of travel) is dropped: packed sequences' boundaries.
     With ``exclude_input``, the read-out uses h_t − b_t (= a_t h_{t∓1}) instead of h_t.
     Returns y (batch, dim, m) = Σ_n C_t (h_t or h_t − b_t), and the state leaving the chunk (batch, dim, state).
 
@@ -308,6 +364,10 @@ def _scan_chunk(dt, dtu, B, C, A, h_in, *, start, reverse, window, exclude_input
         reset = ((token + 1) % window == 0) if reverse else (token % window == 0)
         reset &= j < m
         dA = dA.masked_fill(reset.reshape(T, 1, 1, 1, K, 1), float("-inf"))
+    if resets is not None:
+        r = resets.flip(-1) if reverse else resets  # travel order, like the inputs
+        r = F.pad(r, (0, pad)).reshape(b, K, T).permute(2, 0, 1)  # (T, b, K); the pad never resets
+        dA = dA.masked_fill(r[:, :, None, None, :, None], float("-inf"))
     # unbind rather than index per step: indexing's backward writes a full-size zero tensor every step
     decay = torch.exp(dA).unbind(0)
     inp = (dtu.unsqueeze(-1) * B).unbind(0)  # T × (b, g, dg, K, n)
@@ -367,16 +427,17 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, dt, dtu, A, B, C, options):
         b, d, L = dt.shape
         bounds = _chunk_bounds(L, options["chunk_size"], options["reverse"])
-        chunk_options = {k: v for k, v in options.items() if k != "chunk_size"}
+        chunk_options = {k: v for k, v in options.items() if k not in ("chunk_size", "resets")}
+        resets = options.get("resets")
         y = dt.new_empty(b, d, L)
         entering = dt.new_empty(len(bounds), b, d, A.shape[1])
         h = dt.new_zeros(b, d, A.shape[1])
         for i, (s, e) in enumerate(bounds):
             entering[i] = h
             y[..., s:e], h = _scan_chunk(dt[..., s:e], dtu[..., s:e], B[..., s:e], C[..., s:e], A, h,
-                                         start=s, **chunk_options)
+                                         start=s, resets=None if resets is None else resets[:, s:e], **chunk_options)
         ctx.save_for_backward(dt, dtu, A, B, C, entering)
-        ctx.bounds, ctx.chunk_options = bounds, chunk_options
+        ctx.bounds, ctx.chunk_options, ctx.resets = bounds, chunk_options, resets
         ctx.set_materialize_grads(False)
         return y, h
 
@@ -393,7 +454,8 @@ class _ChunkedScan(torch.autograd.Function):
             a = A.detach().requires_grad_(needs[2])
             h_in = entering[i].detach().requires_grad_(i > 0)
             with torch.enable_grad():
-                y, h_out = _scan_chunk(*pieces, a, h_in, start=s, **ctx.chunk_options)
+                y, h_out = _scan_chunk(*pieces, a, h_in, start=s, resets=None if ctx.resets is None else ctx.resets[:, s:e],
+                                       **ctx.chunk_options)
             outputs, seeds = [y], [grad_y[..., s:e] if grad_y is not None else torch.zeros_like(y)]
             if grad_h is not None:
                 outputs.append(h_out)
@@ -411,14 +473,15 @@ class _ChunkedScan(torch.autograd.Function):
         return (*grads, None)
 
 
-def _chunked_scan(dt, dtu, A, B, C, *, reverse, window=None, exclude_input=False, chunk_size):
+def _chunked_scan(dt, dtu, A, B, C, *, reverse, window=None, exclude_input=False, chunk_size, resets=None):
     """y = Σ_n C_t h_t over the whole length (see :func:`_scan_chunk`), and the last state."""
-    options = dict(reverse=reverse, window=window, exclude_input=exclude_input, chunk_size=chunk_size)
+    options = dict(reverse=reverse, window=window, exclude_input=exclude_input, chunk_size=chunk_size, resets=resets)
     return _ChunkedScan.apply(dt, dtu, A, B, C, options)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             direction="forward", window=None, return_last_state=False, chunk_size=None):
+                             direction="forward", window=None, return_last_state=False, chunk_size=None,
+                             seq_idx=None):
     """The reference backend: chunked, differentiable, any device, every direction.
 
     Shapes and arguments as :func:`selective_scan`. ``chunk_size`` (tokens per chunk) defaults to a length
@@ -426,7 +489,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     never formed, and under autograd each chunk is recomputed in backward instead of stored.
     Returns out (batch, dim, length) in u's dtype; with ``return_last_state`` also (batch, dim, state).
     """
-    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state)
+    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state, seq_idx)
     if chunk_size is None:
         chunk_size = _default_chunk(sizes.batch, sizes.dim, sizes.state)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -439,13 +502,19 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Bg, Cg = _as_grouped(B, dtype), _as_grouped(C, dtype)
     scan = functools.partial(_chunked_scan, dt, dtu, Ac, Bg, Cg, chunk_size=chunk_size)
 
+    starts = ends = local_ends = None
+    if seq_idx is not None:
+        starts, ends, local_ends = _segment_resets(seq_idx, sizes.window if direction == "local_bidirectional" else None)
     last = None
     if direction == "forward":
-        y, last = scan(reverse=False)
+        y, last = scan(reverse=False, resets=starts)
     elif direction == "reverse":
-        y, _ = scan(reverse=True)
+        y, _ = scan(reverse=True, resets=ends)
     elif direction == "bidirectional":
-        y = scan(reverse=False)[0] + scan(reverse=True)[0]
+        y = scan(reverse=False, resets=starts)[0] + scan(reverse=True, resets=ends)[0]
+    elif seq_idx is not None:
+        # windows counted from each sequence's first token: the restarts come as a mask, not from `window`
+        y = scan(reverse=False, resets=starts)[0] + scan(reverse=True, exclude_input=True, resets=local_ends)[0]
     else:
         # h_t + a_t g_{t+1} = h_t + (g_t − b_t): the windowed reverse scan read out without its input
         y = scan(reverse=False)[0] + scan(reverse=True, window=sizes.window, exclude_input=True)[0]
@@ -593,7 +662,7 @@ def _select(backend: str, device: torch.device, direction: str) -> _Backend:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   direction="forward", window=None, backend="auto", *, return_last_state=False):
+                   direction="forward", window=None, backend="auto", *, return_last_state=False, seq_idx=None):
     """Selective scan (S6) in mamba-ssm's layout, in one of four directions.
 
     Args:
@@ -609,6 +678,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         window: tokens per window for "local_bidirectional"; None picks :func:`default_window` (length).
         backend: "auto", "reference", "triton" or "mamba_ssm" (module docstring).
         return_last_state: also return the final state (batch, dim, state); direction "forward" only.
+        seq_idx: (batch, length) int32/int64, nondecreasing: several sequences packed into one, each
+            scanned as if alone (module docstring); local_bidirectional then needs ``window``. Only the
+            reference takes it for now: ``auto`` runs the reference, another backend by name refuses.
 
     Returns:
         out (batch, dim, length) in u's dtype, or (out, last_state) with ``return_last_state``.
@@ -618,7 +690,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         ScanBackendError: the requested backend cannot run here (not installed, wrong device, direction,
             or inputs it refuses).
     """
-    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state)
+    sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state, seq_idx)
+    if seq_idx is not None:
+        if backend not in ("auto", "reference"):
+            _select(backend, u.device, direction)  # an unknown name is named as such
+            raise ScanBackendError(f"backend={backend!r} does not take seq_idx (packed sequences) yet; "
+                                   "use backend='reference' or 'auto'")
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, sizes.window,
+                                        return_last_state, seq_idx=seq_idx)
     chosen = _select(backend, u.device, direction)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, sizes.window, return_last_state)
     if chosen.name == "reference":
