@@ -208,6 +208,9 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
     here) through the real training path: MILModule + MILDataModule (its default gpu_cache="auto" keeps the
     bags on the GPU after the first epoch's read) + Lightning Trainer, bf16-mixed, no validation. One warm-up
     epoch (reads the files, compiles), then the median of `--epochs` timed ones."""
+    import cProfile
+    import io
+    import pstats
     import types
 
     import lightning as L
@@ -220,16 +223,21 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
     from wsimamba.train.module import MILModule
 
     class EpochTimer(Callback):
-        def __init__(self):
+        def __init__(self, profile_last: bool = False):
             self.seconds: list[float] = []
+            self.profile = cProfile.Profile() if profile_last else None
 
         def on_train_epoch_start(self, trainer, module):
             _sync()
+            if self.profile is not None and trainer.current_epoch == trainer.max_epochs - 1:
+                self.profile.enable()
             self.t0 = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, module):
             _sync()
             self.seconds.append(time.perf_counter() - self.t0)
+            if self.profile is not None and trainer.current_epoch == trainer.max_epochs - 1:
+                self.profile.disable()
             cache = getattr(trainer.datamodule, "cache", None)  # freed when fit ends
             self.cached = cache.nbytes if cache is not None else None
 
@@ -243,19 +251,30 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
         write_s = time.perf_counter() - t0
         table = read_labels(labels)
         dataset = BagDataset(FeatureSource(feats), table.slide_ids, table.labels)
-        runs = [("abmil", None)] + [(m, k) for m in args.epoch_models.split(",") for k in layer_kinds]
-        for name, kind in runs:
+        runs = [("abmil", None, "")] + [(m, k, "") for m in args.epoch_models.split(",") for k in layer_kinds]
+        # more runs of the last model: MILModule's per-step logging and non-finite-loss watch made no-ops, or
+        # the last epoch under cProfile (its time is then the profiler's too)
+        runs += [(*runs[-1][:2], f"+{a}") for a in args.epoch_ablate.split(",") if a]
+        for name, kind, ablate in runs:
             kw = {"d_model": 512} | ({"impl": kind} if kind else {})
             L.seed_everything(0, verbose=False)
             module = MILModule(name, 1024, 2, kw, lr=1e-4, max_epochs=args.epochs + 1)
+            if "nolog" in ablate:
+                module.log = lambda *a, **k: None
+            if "nowatch" in ablate:
+                module._watch_loss = lambda loss: None
             dm = MILDataModule(dataset, list(range(count)), [], [], seed=0)
-            timer = EpochTimer()
+            timer = EpochTimer(profile_last="profile" in ablate)
             trainer = L.Trainer(max_epochs=args.epochs + 1, accelerator="gpu" if DEV == "cuda" else "cpu", devices=1,
                                 precision="bf16-mixed" if DEV == "cuda" else "32-true",
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
             trainer.fit(module, datamodule=dm)
-            key = name + (f"/{kind}" if kind else "")
+            key = name + (f"/{kind}" if kind else "") + ablate
+            if timer.profile is not None:
+                text = io.StringIO()
+                pstats.Stats(timer.profile, stream=text).sort_stats("tottime").print_stats(30)
+                print(f"# host profile of the last epoch, {key}\n{text.getvalue()}", file=sys.stderr, flush=True)
             results[key] = {"seconds_per_epoch": round(statistics.median(timer.seconds[1:]), 3),
                             "first_epoch_s": round(timer.seconds[0], 2),
                             "epochs_s": [round(t, 3) for t in timer.seconds[1:]],
@@ -294,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epoch-instances", type=int, default=10_000, help="--gpu: patches per bag of the epoch timing")
     ap.add_argument("--epoch-models", default="lbmambamil", help="--gpu: Mamba models of the epoch timing (abmil too)")
     ap.add_argument("--epoch-layers", default="fast", help="--gpu: Mamba layer implementations of the epoch timing")
+    ap.add_argument("--epoch-ablate", default="", help="--gpu: extra epoch runs of the last model: nolog, nowatch, "
+                                                       "profile (comma-separated; + joins them, e.g. nolog+nowatch)")
     ap.add_argument("--profile-instances", type=int, default=10_000, help="--gpu: bag size of the profiles")
     ap.add_argument("--gpu-smoke", action="store_true", help="run the --gpu suite on the CPU at the sizes given (checks the script)")
     args = ap.parse_args(argv)
