@@ -178,8 +178,8 @@ def gpu_suite(args) -> dict:
         out["triton"] = triton.__version__
     except ImportError:
         pass
-    for name in args.models.split(","):
-        for n in (int(v) for v in args.step_instances.split(",")):
+    for name in (m for m in args.models.split(",") if m):
+        for n in (int(v) for v in args.step_instances.split(",") if v):
             for precision in args.precisions.split(","):
                 kinds = layer_kinds if name in MAMBA_MODELS else [None]
                 for kind in kinds:
