@@ -33,6 +33,9 @@ def test_run_folder_holds_what_design_md_says(tiny_run, bag_cohort):
     for k in range(3):
         fold = tiny_run / f"fold_{k}"
         assert (fold / "checkpoint.ckpt").is_file() and (fold / "logs" / "metrics.csv").is_file()
+        logged = read_csv(fold / "logs" / "metrics.csv")
+        train_epochs = {int(r["epoch"]) for r in logged if r.get("train_loss")}
+        assert train_epochs == {int(r["epoch"]) for r in logged if r.get("val_auc")} and len(train_epochs) >= 1
         rows = read_csv(fold / "predictions.csv")
         assert list(rows[0]) == ["slide_id", "case_id", "label", "pred", "prob_normal", "prob_tumor"]
         probs = np.array([[float(r["prob_normal"]), float(r["prob_tumor"])] for r in rows])
@@ -256,3 +259,39 @@ def test_nan_loss_names_the_first_step_when_checked_later(one_thread, n_bags, ba
                                            match=f"became nan at epoch {epoch}, step {bad_step} .*train.lr"):
         trainer.fit(module, DataLoader(bags, batch_size=1), val)
     assert counts == {"train": steps_run, "val": val_steps_run}
+
+
+def test_train_loss_is_each_epochs_mean_over_its_bags(one_thread):
+    """train_loss is summed on the device and logged once an epoch: the mean of that epoch's step losses."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from wsimamba.train.module import MILModule
+    from wsimamba.train.run import _quiet_lightning
+
+    g = torch.Generator().manual_seed(1)
+    bags = [{"features": torch.randn(5 + i, 4, generator=g), "label": i % 2} for i in range(7)]
+    steps, logged = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            steps.append((trainer.current_epoch, float(outputs["loss"])))
+
+        # the module logs it in its own on_train_epoch_end, which Lightning calls after the callbacks' one
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch:
+                logged.append(float(trainer.callback_metrics["train_loss"]))
+
+        def on_train_end(self, trainer, module):
+            logged.append(float(trainer.callback_metrics["train_loss"]))
+
+    module = MILModule("meanpool", 4, 2, {"d_model": 8}, max_epochs=3, lr=1e-2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    with _quiet_lightning():
+        trainer.fit(module, DataLoader(bags, batch_size=1, collate_fn=lambda b: {
+            "features": b[0]["features"][None], "label": torch.tensor([b[0]["label"]])}))
+    want = [np.mean([loss for e, loss in steps if e == epoch]) for epoch in range(3)]
+    assert len(steps) == 21 and logged == pytest.approx(want, rel=1e-6)
+    assert len(set(logged)) == 3  # the model learns: the three epochs differ

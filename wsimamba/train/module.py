@@ -62,8 +62,15 @@ class MILModule(L.LightningModule):
         x, y = self._subsample(batch["features"]), batch["label"]
         loss = self.loss_fn(self(x).logits.float(), y)
         self._watch_loss(loss)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
+        # summed on the device and logged once at the epoch's end: `self.log` every step cost ~1.9 ms of host
+        # time a step (H200, lbmambamil at 10k patches: 12.7 against 10.8 ms per step without it)
+        loss_sum = getattr(self, "_loss_sum", None)
+        self._loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        self._loss_steps = getattr(self, "_loss_steps", 0) + 1
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._loss_steps = None, 0
 
     # `if not torch.isfinite(loss)` every step would make the CPU wait for the GPU each step, so it could
     # not queue the next step's kernels while this one runs. Instead the first non-finite loss (its
@@ -119,6 +126,9 @@ class MILModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_loss()
+        if getattr(self, "_loss_steps", 0):
+            # the mean over the epoch's bags (one bag a step), averaged over ranks
+            self.log("train_loss", self._loss_sum / self._loss_steps, sync_dist=True)
 
     def on_train_end(self) -> None:
         self._check_loss()
