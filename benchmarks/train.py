@@ -56,11 +56,11 @@ def _step_model(name: str, in_dim: int, d_model: int, layers: str | None, device
     return create_model(name, in_dim, 2, **kw).to(device)
 
 
-def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim: int = 1024, d_model: int = 512,
-            steps: int = 10, repeats: int = 5) -> dict:
-    """Median over `repeats` of the mean ms of `steps` back-to-back training steps on one bag (1, instances, in_dim):
-    forward under bf16 autocast (or fp32), cross-entropy, backward, AdamW step, as MILModule trains, without
-    the data loader and Lightning around it. Also the peak memory of a step (GiB)."""
+def _training_step(name: str, instances: int, bf16: bool, layers: str | None, in_dim: int = 1024,
+                   d_model: int = 512):
+    """A training step on one random bag (1, instances, in_dim), as MILModule trains without the data loader and
+    Lightning around it: forward under bf16 autocast (or fp32), cross-entropy, backward, fused AdamW step.
+    Returns the step function, after three warm-up calls (compilation, allocator)."""
     import torch.nn.functional as F
 
     model = _step_model(name, in_dim, d_model, layers, DEV)
@@ -79,6 +79,14 @@ def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim
     for _ in range(3):
         step()
     _sync()
+    return step
+
+
+def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim: int = 1024, d_model: int = 512,
+            steps: int = 10, repeats: int = 5) -> dict:
+    """Median over `repeats` of the mean ms of `steps` back-to-back training steps (`_training_step`), and the
+    peak memory of a step (GiB)."""
+    step = _training_step(name, instances, bf16, layers, in_dim, d_model)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step()
@@ -91,7 +99,7 @@ def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim
             step()
         _sync()
         means.append((time.perf_counter() - t0) * 1e3 / steps)
-    del model, opt, x
+    del step
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {"ms": round(statistics.median(means), 3), "ms_all": [round(m, 3) for m in means], "peak_gib": round(peak, 3)}
@@ -99,25 +107,9 @@ def step_ms(name: str, instances: int, bf16: bool, layers: str | None, *, in_dim
 
 def profile_step(name: str, instances: int, layers: str | None, rows: int = 30) -> str:
     """torch.profiler's table of the CUDA kernels of one bf16 training step (for finding where a step's time goes)."""
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    model = _step_model(name, 1024, 512, layers, DEV)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
-    x = torch.randn(1, instances, 1024, device=DEV)
-    y = torch.ones(1, dtype=torch.long, device=DEV)
-
-    def step():
-        with torch.autocast(DEV, dtype=torch.bfloat16):
-            logits = model(x).logits
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    _sync()
+    step = _training_step(name, instances, True, layers)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
         for _ in range(3):
             step()
@@ -134,24 +126,7 @@ def host_profile(name: str, instances: int, layers: str | None, steps: int = 20,
     import io
     import pstats
 
-    import torch.nn.functional as F
-
-    model = _step_model(name, 1024, 512, layers, DEV)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
-    x = torch.randn(1, instances, 1024, device=DEV)
-    y = torch.ones(1, dtype=torch.long, device=DEV)
-
-    def step():
-        with torch.autocast(DEV, dtype=torch.bfloat16):
-            logits = model(x).logits
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    _sync()
+    step = _training_step(name, instances, True, layers)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
