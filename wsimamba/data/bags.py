@@ -268,10 +268,6 @@ class BagDataset(Dataset):
         n, d = self.source.shape(self.slide_ids[i])
         return n * d * 4
 
-    def meta(self, i: int) -> dict:
-        """Item i without its features: what a cache of the features completes to ``self[i]``."""
-        return {"label": torch.tensor(self.labels[i]), "index": i}
-
     def __getitem__(self, i: int) -> dict:
         feats = self._cache[i] if self._cache is not None else self._load(self.slide_ids[i])
-        return {"features": feats, **self.meta(i)}
+        return {"features": feats, "label": torch.tensor(self.labels[i]), "index": i}

@@ -33,21 +33,22 @@ class DeviceBagCache(Dataset):
 
     def __init__(self, dataset: BagDataset, device: torch.device | str):
         self.dataset, self.device = dataset, torch.device(device)
-        self.bags: dict[int, torch.Tensor] = {}
-        self._keys: dict[int, dict] = {}
+        self.items: dict[int, dict] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        feats = self.bags.get(i)
-        if feats is not None:
-            return {"features": feats, **self._keys[i]}
-        item = self.dataset[i]
-        feats = self.bags[i] = item["features"].to(self.device)
-        self._keys[i] = {k: (torch.as_tensor(v).to(self.device) if k in ("label", "index") else v)
-                         for k, v in item.items() if k != "features"}
-        return {"features": feats, **self._keys[i]}
+        item = self.items.get(i)
+        if item is None:
+            item = self.items[i] = {k: (torch.as_tensor(v).to(self.device) if k in ("features", "label", "index") else v)
+                                    for k, v in self.dataset[i].items()}
+        return dict(item)
+
+    @property
+    def bags(self) -> dict[int, torch.Tensor]:
+        """The cached features, by dataset index."""
+        return {i: item["features"] for i, item in self.items.items()}
 
     @property
     def nbytes(self) -> int:
@@ -135,8 +136,7 @@ class MILDataModule(L.LightningDataModule):
         # Free the cache when the trainer's stage ends: the loaders Lightning keeps would hold it until
         # the trainer is collected, and the next fold's cache needs the memory.
         if self.cache is not None:
-            self.cache.bags.clear()
-            self.cache._keys.clear()
+            self.cache.items.clear()
             self.cache = None
 
     def on_exception(self, exception: BaseException) -> None:
