@@ -178,43 +178,60 @@ def gpu_suite(args) -> dict:
     return out
 
 
+def _epoch_timer(cuda: bool, profile_last: bool = False):
+    """A Lightning callback keeping each training epoch's seconds (`.seconds`, CUDA synchronised around
+    them), the bytes the datamodule's GPU cache held at an epoch's end (`.cached`), and with `profile_last`
+    a cProfile of the last epoch (`.profile`)."""
+    import cProfile
+
+    from lightning.pytorch.callbacks import Callback
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    class EpochTimer(Callback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self.cached = None
+            self.profile = cProfile.Profile() if profile_last else None
+
+        def _last(self, trainer) -> bool:
+            return self.profile is not None and trainer.current_epoch == trainer.max_epochs - 1
+
+        def on_train_epoch_start(self, trainer, module):
+            sync()
+            if self._last(trainer):
+                self.profile.enable()
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            sync()
+            self.seconds.append(time.perf_counter() - self.t0)
+            if self._last(trainer):
+                self.profile.disable()
+            cache = getattr(trainer.datamodule, "cache", None)  # freed when fit ends
+            self.cached = cache.nbytes if cache is not None else None
+
+    return EpochTimer()
+
+
 def epoch_seconds(args, layer_kinds: list[str]) -> dict:
     """Seconds per epoch of `--epoch-bags` bags of `--epoch-instances` patches (1024-d fp32 h5 files written
     here) through the real training path: MILModule + MILDataModule (its default gpu_cache="auto" keeps the
     bags on the GPU after the first epoch's read) + Lightning Trainer, bf16-mixed, no validation. One warm-up
     epoch (reads the files, compiles), then the median of `--epochs` timed ones."""
-    import cProfile
     import io
     import pstats
     import types
 
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
 
     from wsimamba.data.bags import BagDataset, FeatureSource
     from wsimamba.data.labels import read_labels
     from wsimamba.data.synthetic import write_cohort
     from wsimamba.train.datamodule import MILDataModule
     from wsimamba.train.module import MILModule
-
-    class EpochTimer(Callback):
-        def __init__(self, profile_last: bool = False):
-            self.seconds: list[float] = []
-            self.profile = cProfile.Profile() if profile_last else None
-
-        def on_train_epoch_start(self, trainer, module):
-            _sync()
-            if self.profile is not None and trainer.current_epoch == trainer.max_epochs - 1:
-                self.profile.enable()
-            self.t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module):
-            _sync()
-            self.seconds.append(time.perf_counter() - self.t0)
-            if self.profile is not None and trainer.current_epoch == trainer.max_epochs - 1:
-                self.profile.disable()
-            cache = getattr(trainer.datamodule, "cache", None)  # freed when fit ends
-            self.cached = cache.nbytes if cache is not None else None
 
     n, count = args.epoch_instances, args.epoch_bags
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -239,7 +256,7 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
             if "nowatch" in ablate:
                 module._watch_loss = lambda loss: None
             dm = MILDataModule(dataset, list(range(count)), [], [], seed=0)
-            timer = EpochTimer(profile_last="profile" in ablate)
+            timer = _epoch_timer(DEV == "cuda", profile_last="profile" in ablate)
             trainer = L.Trainer(max_epochs=args.epochs + 1, accelerator="gpu" if DEV == "cuda" else "cpu", devices=1,
                                 precision="bf16-mixed" if DEV == "cuda" else "32-true",
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -304,7 +321,6 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
 
     from wsimamba.data.bags import BagDataset, FeatureSource
     from wsimamba.data.labels import read_labels
@@ -315,20 +331,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     precision = "bf16-mixed" if cuda else "32-true"
-
-    class EpochTimer(Callback):
-        def __init__(self):
-            self.seconds: list[float] = []
-
-        def on_train_epoch_start(self, trainer, module):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module):
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         n = args.instances
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
             L.seed_everything(0, verbose=False)
             module = MILModule(name, args.in_dim, 2, kw, lr=1e-4, max_epochs=args.epochs + 1)
             dm = MILDataModule(dataset, list(range(len(dataset))), [], [], seed=0)
-            timer = EpochTimer()
+            timer = _epoch_timer(cuda)
             trainer = L.Trainer(max_epochs=args.epochs + 1, accelerator="gpu" if cuda else "cpu", devices=1,
                                 precision=precision, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
