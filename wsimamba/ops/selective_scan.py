@@ -320,15 +320,14 @@ def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 # the chunked reference
 
 
-def _scan_chunk(dt, dtu, B, C, A, h_in, *, start, reverse, window, exclude_input, resets=None):
+def _scan_chunk(dt, dtu, B, C, A, h_in, *, reverse, exclude_input, resets=None):
     """One chunk of the linear recurrence, read out through C.
 
     dt, dtu: (batch, dim, m) Δ and Δ·u; B, C: (batch, groups, state, m); A: (dim, state);
-    h_in: (batch, dim, state), the state carried into the chunk along the direction of travel.
-    The chunk covers tokens [start, start + m) of the sequence; travel runs backwards when ``reverse``.
-    With ``window``, the carry is dropped at window boundaries (the local scan's restart). With
-    ``resets`` ((batch, m) bool, in sequence order), the carry into every position marked True (from
-    the position before it along the direction of travel) is dropped: packed sequences' boundaries.
+    h_in: (batch, dim, state), the state carried into the chunk along the direction of travel, which
+    runs backwards when ``reverse``. With ``resets`` ((batch, m) bool, in sequence order), the carry into
+    every position marked True (from the position before it along the direction of travel) is dropped:
+    the local scan's window ends, packed sequences' boundaries (:func:`_segment_resets`).
     With ``exclude_input``, the read-out uses h_t − b_t (= a_t h_{t∓1}) instead of h_t.
     Returns y (batch, dim, m) = Σ_n C_t (h_t or h_t − b_t), and the state leaving the chunk (batch, dim, state).
 
@@ -357,13 +356,6 @@ def _scan_chunk(dt, dtu, B, C, A, h_in, *, start, reverse, window, exclude_input
     B = B.reshape(b, g, n, K, T).permute(4, 0, 1, 3, 2).unsqueeze(3)  # (T, b, g, 1, K, n)
     C = C.reshape(b, g, n, K, T).permute(4, 0, 1, 3, 2).unsqueeze(3)
     dA = dt.unsqueeze(-1) * A.reshape(g, dg, 1, n)  # (T, b, g, dg, K, n)
-    if window is not None:
-        j = torch.arange(K * T, device=dt.device).reshape(K, T).T  # travel position (T, K)
-        token = start + m - 1 - j if reverse else start + j
-        # a reset drops the carry from the previous token of travel: that token lies in another window
-        reset = ((token + 1) % window == 0) if reverse else (token % window == 0)
-        reset &= j < m
-        dA = dA.masked_fill(reset.reshape(T, 1, 1, 1, K, 1), float("-inf"))
     if resets is not None:
         r = resets.flip(-1) if reverse else resets  # travel order, like the inputs
         r = F.pad(r, (0, pad)).reshape(b, K, T).permute(2, 0, 1)  # (T, b, K); the pad never resets
@@ -435,7 +427,7 @@ class _ChunkedScan(torch.autograd.Function):
         for i, (s, e) in enumerate(bounds):
             entering[i] = h
             y[..., s:e], h = _scan_chunk(dt[..., s:e], dtu[..., s:e], B[..., s:e], C[..., s:e], A, h,
-                                         start=s, resets=None if resets is None else resets[:, s:e], **chunk_options)
+                                         resets=None if resets is None else resets[:, s:e], **chunk_options)
         ctx.save_for_backward(dt, dtu, A, B, C, entering)
         ctx.bounds, ctx.chunk_options, ctx.resets = bounds, chunk_options, resets
         ctx.set_materialize_grads(False)
@@ -454,7 +446,7 @@ class _ChunkedScan(torch.autograd.Function):
             a = A.detach().requires_grad_(needs[2])
             h_in = entering[i].detach().requires_grad_(i > 0)
             with torch.enable_grad():
-                y, h_out = _scan_chunk(*pieces, a, h_in, start=s, resets=None if ctx.resets is None else ctx.resets[:, s:e],
+                y, h_out = _scan_chunk(*pieces, a, h_in, resets=None if ctx.resets is None else ctx.resets[:, s:e],
                                        **ctx.chunk_options)
             outputs, seeds = [y], [grad_y[..., s:e] if grad_y is not None else torch.zeros_like(y)]
             if grad_h is not None:
@@ -473,9 +465,9 @@ class _ChunkedScan(torch.autograd.Function):
         return (*grads, None)
 
 
-def _chunked_scan(dt, dtu, A, B, C, *, reverse, window=None, exclude_input=False, chunk_size, resets=None):
+def _chunked_scan(dt, dtu, A, B, C, *, reverse, exclude_input=False, chunk_size, resets=None):
     """y = Σ_n C_t h_t over the whole length (see :func:`_scan_chunk`), and the last state."""
-    options = dict(reverse=reverse, window=window, exclude_input=exclude_input, chunk_size=chunk_size, resets=resets)
+    options = dict(reverse=reverse, exclude_input=exclude_input, chunk_size=chunk_size, resets=resets)
     return _ChunkedScan.apply(dt, dtu, A, B, C, options)
 
 
@@ -503,8 +495,14 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     scan = functools.partial(_chunked_scan, dt, dtu, Ac, Bg, Cg, chunk_size=chunk_size)
 
     starts = ends = local_ends = None
-    if seq_idx is not None:
-        starts, ends, local_ends = _segment_resets(seq_idx, sizes.window if direction == "local_bidirectional" else None)
+    local = direction == "local_bidirectional"
+    if seq_idx is not None or local:
+        # unpacked, one sequence: every window counted from position 0
+        ids = seq_idx if seq_idx is not None else torch.zeros(sizes.batch, sizes.length, dtype=torch.long,
+                                                              device=u.device)
+        starts, ends, local_ends = _segment_resets(ids, sizes.window if local else None)
+        if seq_idx is None:
+            starts = ends = None  # no carry dropped by the global scans
     last = None
     if direction == "forward":
         y, last = scan(reverse=False, resets=starts)
@@ -512,12 +510,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         y, _ = scan(reverse=True, resets=ends)
     elif direction == "bidirectional":
         y = scan(reverse=False, resets=starts)[0] + scan(reverse=True, resets=ends)[0]
-    elif seq_idx is not None:
-        # windows counted from each sequence's first token: the restarts come as a mask, not from `window`
-        y = scan(reverse=False, resets=starts)[0] + scan(reverse=True, exclude_input=True, resets=local_ends)[0]
     else:
         # h_t + a_t g_{t+1} = h_t + (g_t − b_t): the windowed reverse scan read out without its input
-        y = scan(reverse=False)[0] + scan(reverse=True, window=sizes.window, exclude_input=True)[0]
+        y = scan(reverse=False, resets=starts)[0] + scan(reverse=True, exclude_input=True, resets=local_ends)[0]
     if D is not None:
         skip = uc * D.to(dtype)[:, None]
         y = y + (2 * skip if direction == "bidirectional" else skip)
