@@ -23,6 +23,9 @@ Two implementations of the same function (``impl``):
 - ``auto``       ``fast`` on CUDA tensors, ``reference`` elsewhere.
 
 Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).
+
+Every block's forward also takes ``pad``: bags padded at their ends to one length
+(:mod:`wsimamba.nn.padding`), each computed as if alone (tests/test_padded_bags.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsimamba.nn.padding import PaddedBags
 from wsimamba.ops import causal_conv1d, selective_scan
 from wsimamba.ops.selective_scan import DIRECTIONS, ScanArgumentError
 
@@ -143,21 +147,24 @@ class Mamba(nn.Module):
         """Whether this call runs the fast layers (``impl``; "auto": on CUDA tensors)."""
         return self.impl == "fast" or (self.impl == "auto" and t.is_cuda)
 
-    def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
-        """One branch after in_proj. x, z: (batch, d_inner, length) → y (batch, d_inner, length)."""
+    def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
+        """One branch after in_proj. x, z: (batch, d_inner, length) → y (batch, d_inner, length).
+        pad: a :class:`PaddedBags` (the padding's Δ is set to 0: identity steps) or None."""
         if self._fast(x):
-            return self._ssm_fast(x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window)
+            return self._ssm_fast(x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad)
         length = x.shape[-1]
         x = F.silu(conv1d(x)[..., :length])  # conv pads both sides by d_conv − 1; the tail cut makes it causal
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length); bias goes to the scan
+        if pad is not None:
+            dt = pad.mask_delta(dt)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
             backend=self.backend,
         )
 
-    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
+    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
         """The fast branch: x, z (batch, d_inner, length) with unit stride along the length (views of
         in_proj's output are fine) → y (batch, d_inner, length)."""
         x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu")
@@ -165,6 +172,8 @@ class Mamba(nn.Module):
         x_dbl = _channel_first(x_proj.weight, x)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _channel_first(dt_proj.weight, dt)  # (batch, d_inner, length); bias goes to the scan
+        if pad is not None:
+            dt = pad.mask_delta(dt)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B, C, D.float(), z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
@@ -184,17 +193,26 @@ class Mamba(nn.Module):
         # both layers: y (batch, d_inner, length) read transposed in place (a copy only for batch > 1)
         return self.out_proj(y.transpose(1, 2))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+    def forward(self, hidden_states: torch.Tensor, pad: PaddedBags | None = None) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model).
+
+        pad: the bags are padded at the end (:class:`wsimamba.nn.padding.PaddedBags`); each bag's real
+        tokens get what they would get alone. With a local_bidirectional scan and ``window=None`` the
+        window follows the padded length, so give the window to match bags of ≤ 256 tokens run alone."""
         if self.direction == "reverse":
             # the whole block on the flipped sequence, so the convolution is anti-causal too
-            return self._forward(hidden_states.flip(1), "forward").flip(1)
-        return self._forward(hidden_states, self.direction)
+            return _flip(self._forward(_flip(hidden_states, 1, pad), "forward", pad), 1, pad)
+        return self._forward(hidden_states, self.direction, pad)
 
-    def _forward(self, hidden_states, direction):
+    def _forward(self, hidden_states, direction, pad=None):
         x, z = self._in(hidden_states)
-        y = self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, direction, self.window)
+        y = self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, direction, self.window, pad)
         return self._out(y)
+
+
+def _flip(x: torch.Tensor, dim: int, pad: PaddedBags | None) -> torch.Tensor:
+    """x reversed along `dim`, or with padded bags each bag's real tokens reversed in place."""
+    return x.flip(dim) if pad is None else pad.flip(x, dim)
 
 
 def _channel_first(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,11 +266,12 @@ class _TwoBranch(Mamba):
         self.A_b_log = _a_log(self.d_inner, d_state)
         self.D_b = _skip(self.d_inner)
 
-    def _first(self, x, z):
-        return self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, "forward", None)
+    def _first(self, x, z, pad=None):
+        return self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, "forward", None, pad)
 
-    def _second(self, x, z):
-        return self._ssm(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, "forward", None)
+    def _second(self, x, z, pad=None):
+        return self._ssm(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, "forward", None,
+                         pad)
 
 
 class BiMamba(_TwoBranch):
@@ -265,11 +284,11 @@ class BiMamba(_TwoBranch):
     Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
     """
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+    def forward(self, hidden_states: torch.Tensor, pad: PaddedBags | None = None) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model); pad as :meth:`Mamba.forward`."""
         x, z = self._in(hidden_states)
-        y_forward = self._first(x, z)
-        y_backward = self._second(x.flip(-1), z.flip(-1)).flip(-1)
+        y_forward = self._first(x, z, pad)
+        y_backward = _flip(self._second(_flip(x, -1, pad), _flip(z, -1, pad), pad), -1, pad)
         return self._out((y_forward + y_backward) / 2)
 
 
@@ -310,13 +329,17 @@ class SRMamba(_TwoBranch):
         super().__init__(d_model, d_state, d_conv, expand, dt_rank, **kwargs)
         self.rate = rate
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (batch, length, d_model) → (batch, length, d_model)."""
+    def forward(self, hidden_states: torch.Tensor, pad: PaddedBags | None = None) -> torch.Tensor:
+        """hidden_states (batch, length, d_model) → (batch, length, d_model); pad as :meth:`Mamba.forward`
+        (each bag reordered alone)."""
         x, z = self._in(hidden_states)
-        length = x.shape[-1]
-        y_forward = self._first(x, z)
-        y_reordered = self._second(stride_reorder(x, self.rate), stride_reorder(z, self.rate))
-        return self._out(y_forward + stride_restore(y_reordered, self.rate, length))
+        y_forward = self._first(x, z, pad)
+        if pad is None:
+            y_reordered = self._second(stride_reorder(x, self.rate), stride_reorder(z, self.rate))
+            return self._out(y_forward + stride_restore(y_reordered, self.rate, x.shape[-1]))
+        x_r, pad_r = pad.stride_reorder(x, self.rate)
+        z_r, _ = pad.stride_reorder(z, self.rate)
+        return self._out(y_forward + pad.stride_restore(self._second(x_r, z_r, pad_r), self.rate))
 
 
 class AlternatingFlip(nn.Module):
@@ -336,18 +359,22 @@ class AlternatingFlip(nn.Module):
         self.residual = residual
         self.restore_order = restore_order
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None):
-        """hidden (batch, length, dim) → hidden; or with ``residual=True``, (hidden, residual) → (hidden, residual)."""
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, pad: PaddedBags | None = None):
+        """hidden (batch, length, dim) → hidden; or with ``residual=True``, (hidden, residual) → (hidden, residual).
+
+        pad: padded bags (:class:`wsimamba.nn.padding.PaddedBags`): each bag's real tokens are reversed
+        in place, and every layer is called with ``pad=pad``."""
         if residual is not None and not self.residual:
             raise ScanArgumentError("residual: given, but this AlternatingFlip was built with residual=False")
+        extra = {} if pad is None else {"pad": pad}
         for layer in self.layers:
             if self.residual:
-                hidden, residual = layer(hidden, residual)
-                residual = residual.flip(1) if residual is not None else None
+                hidden, residual = layer(hidden, residual, **extra)
+                residual = _flip(residual, 1, pad) if residual is not None else None
             else:
-                hidden = layer(hidden)
-            hidden = hidden.flip(1)
+                hidden = layer(hidden, **extra)
+            hidden = _flip(hidden, 1, pad)
         if self.restore_order and len(self.layers) % 2:
-            hidden = hidden.flip(1)
-            residual = residual.flip(1) if residual is not None else None
+            hidden = _flip(hidden, 1, pad)
+            residual = _flip(residual, 1, pad) if residual is not None else None
         return (hidden, residual) if self.residual else hidden

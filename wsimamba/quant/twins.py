@@ -184,13 +184,15 @@ class QuantMambaMixin(QuantTwin):
         # the fast layers call the weights directly, past the quantized modules: the twin runs the reference layout
         return False
 
-    def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window):
+    def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
         sfx = "" if conv1d is self.conv1d else "_b"
         length = x.shape[-1]
         x = getattr(self, "conv_quant" + sfx)(x)
         x = F.silu(conv1d(x)[..., :length])
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt_proj(dt, add_bias=False).transpose(1, 2)
+        if pad is not None:
+            dt = pad.mask_delta(dt)
         B = getattr(self, "B_quant" + sfx)(B)
         C = getattr(self, "C_quant" + sfx)(C)
         return selective_scan(

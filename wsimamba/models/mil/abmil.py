@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput
+from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput, valid_mask as _valid
 from wsimamba.models.mil.registry import register_model
 
 
 class ABMIL(MILModel):
     """Linear(in→d)+ReLU+Dropout, gated attention pooling, Linear(d→n_classes).
 
-    forward(x (B, N, in_dim)) → logits (B, n_classes), attention (B, N) softmax weights.
+    forward(x (B, N, in_dim) [, lengths (B,)]) → logits (B, n_classes), attention (B, N) softmax weights.
     """
+
+    takes_lengths = True
 
     def __init__(self, in_dim: int, n_classes: int, d_model: int = 512, attn_dim: int = 128, dropout: float = 0.25):
         super().__init__()
@@ -22,9 +24,10 @@ class ABMIL(MILModel):
         self.pool = AttentionPool(d_model, attn_dim, gated=True, dropout=dropout)
         self.classifier = nn.Linear(d_model, n_classes)
 
-    def forward(self, x: torch.Tensor) -> MILOutput:
-        self._check_input(x, self.in_dim)
-        pooled, a = self.pool(self.embed(x))
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
+        self._check_input(x, self.in_dim, lengths)
+        valid = None if lengths is None else _valid(lengths, x.shape[1])
+        pooled, a = self.pool(self.embed(x), valid)
         return MILOutput(self.classifier(pooled), a)
 
 

@@ -24,29 +24,45 @@ class MILOutput(NamedTuple):
 
 
 class MILModel(nn.Module, abc.ABC):
-    """Base class: ``forward(x)`` maps a batch of bags (B, N, in_dim) to a :class:`MILOutput`.
+    """Base class: ``forward(x, lengths=None)`` maps a batch of bags (B, N, in_dim) to a :class:`MILOutput`.
 
-    Bags in one batch have the same length N (MIL training usually runs one bag per step).
+    Bags in one batch have the same length N (MIL training usually runs one bag per step), or are
+    padded at their ends to it: ``lengths`` (B,) integer tensor, bag b's first lengths[b] instances
+    are real. Models with ``takes_lengths`` then give each bag's logits as if it ran alone, and
+    attention 0 at padding; the others refuse ``lengths``.
     """
 
     in_dim: int
     n_classes: int
+    takes_lengths: bool = False
 
     @abc.abstractmethod
-    def forward(self, x: torch.Tensor) -> MILOutput:
-        """x (B, N, in_dim) → MILOutput(logits (B, n_classes), attention (B, N))."""
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
+        """x (B, N, in_dim) [, lengths (B,)] → MILOutput(logits (B, n_classes), attention (B, N))."""
 
-    @staticmethod
-    def _check_input(x: torch.Tensor, in_dim: int) -> None:
+    def _check_input(self, x: torch.Tensor, in_dim: int, lengths: torch.Tensor | None = None) -> None:
         if x.dim() != 3 or x.shape[-1] != in_dim or x.shape[1] < 1:
             raise WsimambaError(f"expected bags of shape (batch, instances >= 1, {in_dim}), got {tuple(x.shape)}")
+        if lengths is None:
+            return
+        if not self.takes_lengths:
+            raise WsimambaError(f"lengths: {type(self).__name__} does not take padded bags")
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (x.shape[0],) or lengths.is_floating_point():
+            raise WsimambaError(f"lengths: expected an integer tensor of shape ({x.shape[0]},), got "
+                                f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+        # (the values are not read here: that would wait for the GPU, and a CUDA graph cannot capture it)
+
+
+def valid_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) bool, True at each bag's first lengths[b] instances."""
+    return torch.arange(n, device=lengths.device) < lengths.to(torch.long)[:, None]
 
 
 class AttentionPool(nn.Module):
     """Attention pooling (Ilse et al. 2018): weights a_i = softmax_i(w·(tanh(V h_i) ⊙ σ(U h_i))).
 
     With ``gated=False`` the sigmoid gate is dropped (plain attention, as in MambaMIL).
-    forward(h (B, N, d)) → (pooled (B, d), weights (B, N)).
+    forward(h (B, N, d) [, valid (B, N) bool: False at padding, weight 0]) → (pooled (B, d), weights (B, N)).
     """
 
     def __init__(self, d: int, hidden: int = 128, gated: bool = True, dropout: float = 0.0):
@@ -55,11 +71,14 @@ class AttentionPool(nn.Module):
         self.u = nn.Sequential(nn.Linear(d, hidden), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
         self.w = nn.Linear(hidden, 1)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.v(h)
         if self.u is not None:
             g = g * self.u(h)
         # softmax in fp32: bags of 10^5 instances under bf16 lose the small weights otherwise
-        a = torch.softmax(self.w(g).squeeze(-1).float(), dim=-1)
+        scores = self.w(g).squeeze(-1).float()
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
+        a = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("bn,bnd->bd", a.to(h.dtype), h)
         return pooled, a

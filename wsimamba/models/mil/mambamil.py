@@ -33,8 +33,8 @@ class PreNormResidual(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.mixer = mixer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, x: torch.Tensor, pad: wnn.PaddedBags | None = None) -> torch.Tensor:
+        return x + (self.mixer(self.norm(x)) if pad is None else self.mixer(self.norm(x), pad=pad))
 
 
 class MambaMILBase(MILModel):
@@ -42,8 +42,13 @@ class MambaMILBase(MILModel):
 
     With ``flip_between_layers`` the residual layers run inside ``wsimamba.nn.AlternatingFlip``
     (sequence reversed after every layer, original order restored at the end).
-    forward(x (B, N, in_dim)) → logits (B, n_classes), attention (B, N) softmax weights (in patch order).
+    forward(x (B, N, in_dim) [, lengths (B,)]) → logits (B, n_classes), attention (B, N) softmax weights
+    (in patch order). With lengths (bags padded at their ends) the mixers get a ``wsimamba.nn.PaddedBags``;
+    LBMamba's default window then follows N, so bags of ≤ 256 patches match their lone runs only with
+    ``window`` set or N in the same window class (≤ 128, ≤ 256, longer).
     """
+
+    takes_lengths = True
 
     def __init__(self, in_dim: int, n_classes: int, make_mixer, d_model: int, layers: int, dropout: float,
                  attn_dim: int, flip_between_layers: bool = False):
@@ -53,15 +58,21 @@ class MambaMILBase(MILModel):
         self.in_dim, self.n_classes = in_dim, n_classes
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         blocks = [PreNormResidual(d_model, make_mixer(d_model)) for _ in range(layers)]
-        self.layers = wnn.AlternatingFlip(blocks, restore_order=True) if flip_between_layers else nn.Sequential(*blocks)
+        self.layers = wnn.AlternatingFlip(blocks, restore_order=True) if flip_between_layers else nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
         self.pool = AttentionPool(d_model, attn_dim, gated=False)
         self.classifier = nn.Linear(d_model, n_classes)
 
-    def forward(self, x: torch.Tensor) -> MILOutput:
-        self._check_input(x, self.in_dim)
-        h = self.layers(self.embed(x))
-        pooled, a = self.pool(self.norm(h))
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
+        self._check_input(x, self.in_dim, lengths)
+        pad = None if lengths is None else wnn.PaddedBags(lengths, x.shape[1])
+        h = self.embed(x)
+        if isinstance(self.layers, wnn.AlternatingFlip):
+            h = self.layers(h, pad=pad)
+        else:
+            for layer in self.layers:
+                h = layer(h, pad)
+        pooled, a = self.pool(self.norm(h), None if pad is None else pad.valid)
         return MILOutput(self.classifier(pooled), a)
 
 

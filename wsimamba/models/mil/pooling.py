@@ -11,15 +11,18 @@ import torch
 from torch import nn
 
 from wsimamba.errors import ConfigError
-from wsimamba.models.mil.base import MILModel, MILOutput
+from wsimamba.models.mil.base import MILModel, MILOutput, valid_mask
 from wsimamba.models.mil.registry import register_model
 
 
 class InstancePool(MILModel):
     """Linear(in→d)+ReLU+Dropout, Linear(d→n_classes) per instance, then mean or max over instances.
 
-    forward(x (B, N, in_dim)) → logits (B, n_classes), attention (B, N) = last-class instance logit.
+    forward(x (B, N, in_dim) [, lengths (B,)]) → logits (B, n_classes), attention (B, N) = last-class
+    instance logit (0 at padding).
     """
+
+    takes_lengths = True
 
     def __init__(self, in_dim: int, n_classes: int, mode: str, d_model: int = 512, dropout: float = 0.25):
         super().__init__()
@@ -29,11 +32,18 @@ class InstancePool(MILModel):
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(d_model, n_classes)
 
-    def forward(self, x: torch.Tensor) -> MILOutput:
-        self._check_input(x, self.in_dim)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
+        self._check_input(x, self.in_dim, lengths)
         inst = self.classifier(self.embed(x))  # (B, N, C)
-        logits = inst.mean(1) if self.mode == "mean" else inst.max(1).values
-        return MILOutput(logits, inst[..., -1].float())
+        if lengths is None:
+            logits = inst.mean(1) if self.mode == "mean" else inst.max(1).values
+            return MILOutput(logits, inst[..., -1].float())
+        valid = valid_mask(lengths, x.shape[1])[..., None]
+        if self.mode == "mean":
+            logits = inst.masked_fill(~valid, 0).sum(1) / lengths.to(inst.dtype)[:, None]
+        else:
+            logits = inst.masked_fill(~valid, float("-inf")).max(1).values
+        return MILOutput(logits, inst[..., -1].float().masked_fill(~valid[..., 0], 0))
 
 
 @register_model("meanpool", "mean of instance logits (instance MLP, then average)")

@@ -168,8 +168,8 @@ class TransMIL(MILModel):
         self.norm = nn.LayerNorm(d_model)
         self.classifier = nn.Linear(d_model, n_classes)
 
-    def forward(self, x: torch.Tensor) -> MILOutput:
-        self._check_input(x, self.in_dim)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
+        self._check_input(x, self.in_dim, lengths)  # refuses lengths: the square layout has no padding mask
         b, n, _ = x.shape
         h = self.embed(x)
         side = math.ceil(math.sqrt(n))
