@@ -46,9 +46,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _kind(layers: str | None) -> tuple[str | None, bool]:
+    """A layer kind as the options spell it ("fast", "reference", "fast+graphs") → (impl, CUDA graphs)."""
+    if layers is None:
+        return None, False
+    impl, _, extra = layers.partition("+")
+    return impl, extra == "graphs"
+
+
 def _step_model(name: str, in_dim: int, d_model: int, layers: str | None, device: str):
     from wsimamba.models.mil import create_model
 
+    layers = _kind(layers)[0]
     kw = {"d_model": d_model}
     if name in MAMBA_MODELS and layers not in (None, "default"):  # "default": the model as it stands (older code)
         kw["impl"] = layers
@@ -59,18 +68,25 @@ def _step_model(name: str, in_dim: int, d_model: int, layers: str | None, device
 def _training_step(name: str, instances: int, bf16: bool, layers: str | None, in_dim: int = 1024,
                    d_model: int = 512):
     """A training step on one random bag (1, instances, in_dim), as MILModule trains without the data loader and
-    Lightning around it: forward under bf16 autocast (or fp32), cross-entropy, backward, fused AdamW step.
-    Returns the step function, after three warm-up calls (compilation, allocator)."""
+    Lightning around it: forward under bf16 autocast (or fp32), cross-entropy, backward, fused AdamW step; with
+    layers "…+graphs" the forward and backward replay MILModule's CUDA graph of the bag's length bucket
+    (`wsimamba.train.graphs.BagGraphs`, the bag padded to its bucket). Returns the step function, after three
+    warm-up calls (compilation, allocator, the graph's capture)."""
     import torch.nn.functional as F
+
+    from wsimamba.train.graphs import BagGraphs
 
     model = _step_model(name, in_dim, d_model, layers, DEV)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
     x = torch.randn(1, instances, in_dim, device=DEV)
     y = torch.ones(1, dtype=torch.long, device=DEV)
+    graphs = BagGraphs(model, x.new_zeros(in_dim), x.new_ones(in_dim), normalize=False) if _kind(layers)[1] else None
 
     def step():
         with torch.autocast(DEV, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits
+            logits = graphs.logits(x) if graphs is not None else None
+            if logits is None:
+                logits = model(x).logits
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,6 +95,8 @@ def _training_step(name: str, instances: int, bf16: bool, layers: str | None, in
     for _ in range(3):
         step()
     _sync()
+    if graphs is not None and not graphs.replays:
+        raise SystemExit(f"{name} {layers}: the CUDA graph did not replay")
     return step
 
 
@@ -168,7 +186,7 @@ def gpu_suite(args) -> dict:
             print(host_profile(name, args.profile_instances, kind if name in MAMBA_MODELS else None), file=sys.stderr, flush=True)
     memory = {}
     for n in (int(v) for v in args.memory_instances.split(",")) if args.memory_instances else []:
-        for kind in layer_kinds:
+        for kind in (k for k in layer_kinds if not _kind(k)[1]):  # (graphs stop at 65,536 patches)
             r = step_ms("lbmambamil", n, True, kind, steps=1, repeats=1)
             memory[f"lbmambamil/{n}/bf16/{kind}"] = r
             print(f"memory lbmambamil/{n}/{kind}: {r['peak_gib']:.2f} GiB, {r['ms']:.1f} ms", file=sys.stderr, flush=True)
@@ -238,7 +256,10 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        bags = (torch.randn(n, 1024, device=DEV, generator=gen).cpu().numpy() for _ in range(count))
+        # every bag n patches, or with --epoch-vary v lengths uniform in n·(1 ± v) (several graph buckets)
+        sizes = [n] * count if not args.epoch_vary else [
+            int(n * (1 + args.epoch_vary * (2 * v - 1))) for v in torch.rand(count, generator=torch.Generator().manual_seed(0))]
+        bags = (torch.randn(k, 1024, device=DEV, generator=gen).cpu().numpy() for k in sizes)
         feats, labels = write_cohort(tmp, types.SimpleNamespace(bags=bags, labels=[i % 2 for i in range(count)]))
         write_s = time.perf_counter() - t0
         table = read_labels(labels)
@@ -248,9 +269,10 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
         # the last epoch under cProfile (its time is then the profiler's too)
         runs += [(*runs[-1][:2], f"+{a}") for a in args.epoch_ablate.split(",") if a]
         for name, kind, ablate in runs:
-            kw = {"d_model": 512} | ({"impl": kind} if kind else {})
+            impl, graphs = _kind(kind)
+            kw = {"d_model": 512} | ({"impl": impl} if impl else {})
             L.seed_everything(0, verbose=False)
-            module = MILModule(name, 1024, 2, kw, lr=1e-4, max_epochs=args.epochs + 1)
+            module = MILModule(name, 1024, 2, kw, lr=1e-4, max_epochs=args.epochs + 1, cuda_graphs=graphs)
             if "nolog" in ablate:
                 module.log = lambda *a, **k: None
             if "nowatch" in ablate:
@@ -275,7 +297,8 @@ def epoch_seconds(args, layer_kinds: list[str]) -> dict:
             del module, dm, trainer
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-    return {"bags": count, "instances": n, "files_written_s": round(write_s, 1), "results": results}
+    return {"bags": count, "instances": n, "vary": args.epoch_vary, "files_written_s": round(write_s, 1),
+            "results": results}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,15 +319,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path)
     ap.add_argument("--gpu", action="store_true", help="run issue 10's suite on CUDA (module docstring)")
-    ap.add_argument("--layers", default="fast,reference", help="--gpu: Mamba layer implementations to compare")
+    ap.add_argument("--layers", default="fast+graphs,fast,reference",
+                    help="--gpu: Mamba layer implementations to compare (+graphs: with MILModule's CUDA graphs)")
     ap.add_argument("--step-instances", default="10000,50000", help="--gpu: bag sizes of the step timings")
     ap.add_argument("--precisions", default="bf16,fp32", help="--gpu: bf16 (autocast) and/or fp32")
     ap.add_argument("--memory-instances", default="100000,200000", help="--gpu: bag sizes of the peak-memory runs")
     ap.add_argument("--profile", default="", help="--gpu: models whose 10k bf16 step is profiled (kernel table)")
     ap.add_argument("--epoch-bags", type=int, default=400, help="--gpu: bags of the epoch timing (0: skip it)")
     ap.add_argument("--epoch-instances", type=int, default=10_000, help="--gpu: patches per bag of the epoch timing")
+    ap.add_argument("--epoch-vary", type=float, default=0.0, help="--gpu: epoch bags' lengths uniform in n·(1 ± vary)")
     ap.add_argument("--epoch-models", default="lbmambamil", help="--gpu: Mamba models of the epoch timing (abmil too)")
-    ap.add_argument("--epoch-layers", default="fast", help="--gpu: Mamba layer implementations of the epoch timing")
+    ap.add_argument("--epoch-layers", default="fast+graphs,fast",
+                    help="--gpu: Mamba layer implementations of the epoch timing (+graphs: train.cuda_graphs on)")
     ap.add_argument("--epoch-ablate", default="", help="--gpu: extra epoch runs of the last model: nolog, nowatch, "
                                                        "profile (comma-separated; + joins them, e.g. nolog+nowatch)")
     ap.add_argument("--profile-instances", type=int, default=10_000, help="--gpu: bag size of the profiles")

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
-from wsimamba.errors import WsimambaError
+from wsimamba.errors import ConfigError, WsimambaError
 from wsimamba.models.mil import MILOutput, create_model
+from wsimamba.train.graphs import BagGraphs
 
 
 class NonFiniteLossError(WsimambaError):
@@ -22,12 +23,17 @@ class MILModule(L.LightningModule):
     label (B,). Logs ``train_loss``, ``val_loss``, ``val_auc`` (torchmetrics, synced across devices)
     and ``val_select`` (val AUC, ties broken by lower loss: on small validation sets many epochs
     reach the same AUC, and the checkpoint should not be the first, least trained of them).
+
+    ``cuda_graphs`` ("auto" | True | False): replay each training bag's forward and backward from a CUDA
+    graph of its length bucket (:class:`wsimamba.train.graphs.BagGraphs`). "auto" does where it can: one
+    CUDA device, a model that takes padded bags, no gradient accumulation; True makes that a
+    ConfigError naming what is missing.
     """
 
     def __init__(self, model_name: str, in_dim: int, n_classes: int, model_kwargs: dict | None = None,
                  lr: float = 2e-4, weight_decay: float = 1e-2, scheduler: str = "cosine", max_epochs: int = 50,
                  class_weights: list[float] | None = None, max_instances: int | None = None,
-                 normalize: bool = True):
+                 normalize: bool = True, cuda_graphs: bool | str = "auto"):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model_name, in_dim, n_classes, **(model_kwargs or {}))
@@ -58,9 +64,42 @@ class MILModule(L.LightningModule):
         keep = torch.randperm(n, device=x.device)[:cap].sort().values
         return x[:, keep]
 
+    def _bag_graphs(self) -> BagGraphs | None:
+        """The training step's CUDA graphs, or None with the reason when they cannot run (`cuda_graphs`)."""
+        mode = self.hparams.get("cuda_graphs", "auto")  # (checkpoints from before the option: auto)
+        if mode is False:
+            return None
+        why = None
+        if self.device.type != "cuda":
+            why = f"the model trains on {self.device.type}, not a CUDA device"
+        elif self.trainer.world_size > 1:
+            why = f"training runs on {self.trainer.world_size} devices (graphs run on one)"
+        elif not self.model.takes_lengths:
+            why = f"model {self.hparams.model_name!r} does not take padded bags"
+        elif self.trainer.accumulate_grad_batches > 1:
+            why = "train.accumulate > 1 (the graphed backward's gradient buffers would be overwritten)"
+        if why is None:
+            return BagGraphs(self.model, self.feature_mean, self.feature_std, self.hparams.normalize)
+        if mode is True:
+            raise ConfigError(f"train.cuda_graphs=true, but {why}; set it to auto or false")
+        return None
+
+    def on_fit_start(self) -> None:
+        self._graphs = self._bag_graphs()
+
+    def teardown(self, stage: str) -> None:
+        # the graphs hold their own activation memory; prediction and heatmaps run eagerly
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+        self._graphs = None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x, y = self._subsample(batch["features"]), batch["label"]
-        loss = self.loss_fn(self(x).logits.float(), y)
+        graphs = getattr(self, "_graphs", None)
+        logits = graphs.logits(x) if graphs is not None else None
+        if logits is None:
+            logits = self(x).logits
+        loss = self.loss_fn(logits.float(), y)
         value = loss.detach().float()
         self._watch_loss(value)
         # summed on the device and logged once at the epoch's end: `self.log` every step cost ~1.9 ms of host

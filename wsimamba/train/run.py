@@ -44,7 +44,7 @@ from wsimamba.atomic import write_text_atomic
 
 # Keys that change where or how fast a run computes, not what it computes: a resumed run may differ in them.
 _NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("data", "gpu_cache"),
-                    ("model", "impl"), ("train", "devices"), ("train", "accelerator"), ("train", "strategy"),
+                    ("model", "impl"), ("train", "cuda_graphs"), ("train", "devices"), ("train", "accelerator"), ("train", "strategy"),
                     ("train", "num_nodes"), ("out",)}
 
 
@@ -223,7 +223,8 @@ def _train_fold(cfg: TrainConfig, cohort: Cohort, dataset: BagDataset, fold: Fol
     weights = balanced_class_weights(table.labels[fold.train], n_classes) if t.class_weights == "balanced" else None
     module = MILModule(cfg.model.name, dataset.in_dim, n_classes, cfg.model.kwargs(), lr=t.lr,
                        weight_decay=t.weight_decay, scheduler=t.scheduler, max_epochs=t.max_epochs,
-                       class_weights=weights, max_instances=cfg.data.max_instances, normalize=cfg.data.normalize)
+                       class_weights=weights, max_instances=cfg.data.max_instances, normalize=cfg.data.normalize,
+                       cuda_graphs=t.cuda_graphs)
     if cfg.data.normalize:
         module.set_feature_stats(*feature_stats(dataset[i]["features"] for i in fold.train))
     dm = MILDataModule(dataset, fold.train, fold.val, fold.test, workers=cfg.data.workers, seed=t.seed + fold.index,
