@@ -80,7 +80,9 @@ def _training_step(name: str, instances: int, bf16: bool, layers: str | None, in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEV == "cuda")  # as MILModule
     x = torch.randn(1, instances, in_dim, device=DEV)
     y = torch.ones(1, dtype=torch.long, device=DEV)
-    graphs = BagGraphs(model, x.new_zeros(in_dim), x.new_ones(in_dim), normalize=False) if _kind(layers)[1] else None
+    # graphed at every size here, also above BagGraphs.MAX_LENGTH, where MILModule runs eagerly (these figures set it)
+    graphs = (BagGraphs(model, x.new_zeros(in_dim), x.new_ones(in_dim), normalize=False, max_length=2**31)
+              if _kind(layers)[1] else None)
 
     def step():
         with torch.autocast(DEV, dtype=torch.bfloat16, enabled=bf16):

@@ -106,7 +106,7 @@ def test_graphed_steps_match_eager_ones(name, bf16, seed):
     model = create_model(name, 64, 2, d_model=128, dropout=0.0).cuda()
     mean, std = torch.randn(64, device="cuda"), torch.rand(64, device="cuda") + 0.5
     graphs = BagGraphs(model, mean, std, normalize=True)
-    eager = _Padded(model, mean, std, True)  # (run unpadded: lengths None)
+    eager = _Padded(model, mean, std, True)
     y = torch.ones(1, dtype=torch.long, device="cuda")
     # buckets 3072: eager, capture, replay; 2560: eager; 3072: replay; 2560: capture; 5120: eager; 2560: replay
     lengths = [2900, 3000, 3071, 2500, 3072, 2400, 5000, 2401]
@@ -114,14 +114,26 @@ def test_graphed_steps_match_eager_ones(name, bf16, seed):
     replayed = 0
     for n in lengths:
         x = torch.randn(1, n, 64, device="cuda")
+        def alone(v):
+            return eager.model((v - mean) / std).logits
+
+        def graphed(v):
+            out = graphs.logits(v)
+            return alone(v) if out is None else out
+
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):  # one context a step, as in training
+            ref_logits, ref_grads = _step(model, alone, x, y)
+        before = graphs.replays
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            ref_logits, ref_grads = _step(model, lambda v: eager.model((v - mean) / std).logits, x, y)
-            before = graphs.replays
-            logits, grads = _step(model, graphs.logits, x, y)
+            logits, grads = _step(model, graphed, x, y)
         replayed += graphs.replays - before
         assert _rel_norm(logits, ref_logits) < tol, n
+        scale = max(g.norm() for g in ref_grads.values())
         for k in ref_grads:
-            assert _rel_norm(grads[k], ref_grads[k]) < tol, (n, k)
+            if ref_grads[k].norm() < 1e-6 * scale:  # zero up to rounding (the attention-logit bias under softmax)
+                assert grads[k].norm() < 1e-5 * scale, (n, k)
+            else:
+                assert _rel_norm(grads[k], ref_grads[k]) < tol, (n, k)
     assert sorted(graphs.graphs) == [2560, 3072] and replayed == 5  # 3000, 3071, 3072, 2400, 2401
     graphs.clear()
     assert not graphs.graphs

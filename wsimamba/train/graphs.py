@@ -9,7 +9,7 @@ argument (``MILModel.takes_lengths``), which computes each bag as if alone (wsim
 
 :class:`BagGraphs` records a bucket's graph the second time a bag of that bucket comes (a length seen
 once is not worth a capture), keeps at most ``max_graphs`` of them, and runs longer bags (above
-``max_length``, where the GPU dominates anyway) and the rest eagerly. The graphs are
+``max_length``, where the GPU bounds a step and a graph does not pay) and the rest eagerly. The graphs are
 ``torch.cuda.make_graphed_callables`` of a thin module over the model, sharing one memory pool.
 
 Limits: one device (no DDP), one bag per step, no gradient accumulation (the graphed backward hands
@@ -23,6 +23,10 @@ from torch import nn
 
 #: at least this many patches per bucket: every length ≤ 128 shares one graph
 MIN_BUCKET = 128
+#: longer bags run eagerly. Where the GPU, not the host, bounds a step, a graph only adds its padding and
+#: the padded path's gathers: lbmambamil, bf16, H200, ms per step graphed / eager: 3.5 / 11.0 at 10k
+#: patches, 6.4 / 8.5 at 20k, 9.8 / 9.1 at 30k, 16.4 / 13.7 at 50k (benchmarks/RESULTS.md)
+MAX_LENGTH = 24576
 
 
 def bucket_length(n: int, per_octave: int = 4) -> int:
@@ -60,7 +64,7 @@ class BagGraphs:
     """
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, normalize: bool = True,
-                 max_length: int = 65536, max_graphs: int = 12, per_octave: int = 4):
+                 max_length: int = MAX_LENGTH, max_graphs: int = 12, per_octave: int = 4):
         self.model, self.mean, self.std, self.normalize = model, mean, std, normalize
         self.max_length, self.max_graphs, self.per_octave = max_length, max_graphs, per_octave
         self.graphs: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}  # bucket → (graphed, x, lengths)
@@ -96,6 +100,9 @@ class BagGraphs:
         # the graph records the step's precision; autocast's weight-cast cache must be off while it records
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device)
+        # and the casts an enclosing autocast cached hold autograd nodes made on the default stream, which
+        # would join the capture's side stream to it (a capture error): drop them
+        torch.clear_autocast_cache()
         with torch.autocast(device, dtype=dtype, enabled=autocast, cache_enabled=False):
             graphed = torch.cuda.make_graphed_callables(module, (static_x, static_n), allow_unused_input=True,
                                                         pool=self._pool)
