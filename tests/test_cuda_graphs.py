@@ -15,7 +15,7 @@ from tests.fixtures_train import read_csv, train_args
 from wsimamba.errors import ConfigError
 from wsimamba.ops.selective_scan import default_window
 from wsimamba.train.graphs import MIN_BUCKET, BagGraphs, _Padded, bucket_length
-from wsimamba.train.module import MILModule
+from wsimamba.train.module import MILModule, graphs_unavailable
 
 CUDA = torch.cuda.is_available()
 
@@ -66,6 +66,18 @@ def test_cuda_graphs_true_without_a_gpu_is_a_named_error(bag_cohort, tmp_path, c
     assert "train.cuda_graphs=true, but the model trains on cpu, not a CUDA device; set it to auto or false" in err
     # auto trains eagerly where graphs cannot run
     assert _fit(bag_cohort, tmp_path / "auto", "train.cuda_graphs=auto", "train.accelerator=cpu") == 0
+
+
+def test_graphs_are_refused_where_they_would_be_wrong():
+    from wsimamba.models.mil import create_model
+
+    lb, tm = create_model("lbmambamil", 8, 2, d_model=16), create_model("transmil", 8, 2, d_model=16)
+    assert graphs_unavailable("cuda", 1, lb, 1, False) is None
+    assert "trains on cpu" in graphs_unavailable("cpu", 1, lb, 1, False)
+    assert "2 devices" in graphs_unavailable("cuda", 2, lb, 1, False)
+    assert "TransMIL does not take padded bags" in graphs_unavailable("cuda", 1, tm, 1, False)
+    assert "train.accumulate > 1" in graphs_unavailable("cuda", 1, lb, 2, False)
+    assert "train.deterministic" in graphs_unavailable("cuda", 1, lb, 1, True)
 
 
 def test_the_option_is_checked(tmp_path):

@@ -223,7 +223,7 @@ class TrainLoopConfig(StrictModel):
     accumulate: int = Field(1, ge=1, description="bags per optimiser step")
     cuda_graphs: Literal["auto"] | bool = Field(
         "auto", description="replay training steps from CUDA graphs of bucketed bag lengths: auto (on one GPU, "
-        "for models that take padded bags, accumulate 1), true (an error where that is not so) or false")
+        "for models that take padded bags, accumulate 1, not deterministic), true (an error where that is not so) or false")
     class_weights: Literal["none", "balanced"] = "none"
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     seed: int = 0

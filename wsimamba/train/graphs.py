@@ -12,8 +12,9 @@ once is not worth a capture), keeps at most ``max_graphs`` of them, and runs lon
 ``max_length``, where the GPU bounds a step and a graph does not pay) and the rest eagerly. The graphs are
 ``torch.cuda.make_graphed_callables`` of a thin module over the model, sharing one memory pool.
 
-Limits: one device (no DDP), one bag per step, no gradient accumulation (the graphed backward hands
-autograd its static gradient buffers, which a second accumulated step would overwrite).
+Limits (``MILModule`` checks them, ``graphs_unavailable``): one device (no DDP), one bag per step, no
+gradient accumulation (the graphed backward hands autograd its static gradient buffers, which a second
+accumulated step would overwrite), not under deterministic algorithms.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ class MILModule(L.LightningModule):
     reach the same AUC, and the checkpoint should not be the first, least trained of them).
 
     ``cuda_graphs`` ("auto" | True | False): replay each training bag's forward and backward from a CUDA
-    graph of its length bucket (:class:`wsimamba.train.graphs.BagGraphs`). "auto" does where it can: one
-    CUDA device, a model that takes padded bags, no gradient accumulation; True makes that a
-    ConfigError naming what is missing.
+    graph of its length bucket (:class:`wsimamba.train.graphs.BagGraphs`). "auto" does where it can
+    (:func:`graphs_unavailable`: one CUDA device, a model that takes padded bags, no gradient
+    accumulation, not deterministic); True makes a ConfigError of what is missing.
     """
 
     def __init__(self, model_name: str, in_dim: int, n_classes: int, model_kwargs: dict | None = None,
@@ -65,19 +65,12 @@ class MILModule(L.LightningModule):
         return x[:, keep]
 
     def _bag_graphs(self) -> BagGraphs | None:
-        """The training step's CUDA graphs, or None with the reason when they cannot run (`cuda_graphs`)."""
+        """The training step's CUDA graphs, or None when they cannot run (`cuda_graphs`)."""
         mode = self.hparams.get("cuda_graphs", "auto")  # (checkpoints from before the option: auto)
         if mode is False:
             return None
-        why = None
-        if self.device.type != "cuda":
-            why = f"the model trains on {self.device.type}, not a CUDA device"
-        elif self.trainer.world_size > 1:
-            why = f"training runs on {self.trainer.world_size} devices (graphs run on one)"
-        elif not self.model.takes_lengths:
-            why = f"model {self.hparams.model_name!r} does not take padded bags"
-        elif self.trainer.accumulate_grad_batches > 1:
-            why = "train.accumulate > 1 (the graphed backward's gradient buffers would be overwritten)"
+        why = graphs_unavailable(self.device.type, self.trainer.world_size, self.model,
+                                 self.trainer.accumulate_grad_batches, torch.are_deterministic_algorithms_enabled())
         if why is None:
             return BagGraphs(self.model, self.feature_mean, self.feature_std, self.hparams.normalize)
         if mode is True:
@@ -207,6 +200,22 @@ class MILModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs),
                                                            eta_min=self.hparams.lr * 0.01)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def graphs_unavailable(device_type: str, world_size: int, model: nn.Module, accumulate: int,
+                       deterministic: bool) -> str | None:
+    """Why training steps cannot run from CUDA graphs here (a clause for an error message), or None."""
+    if device_type != "cuda":
+        return f"the model trains on {device_type}, not a CUDA device"
+    if world_size > 1:
+        return f"training runs on {world_size} devices (graphs run on one)"
+    if not getattr(model, "takes_lengths", False):
+        return f"model {type(model).__name__} does not take padded bags"
+    if accumulate > 1:
+        return "train.accumulate > 1 (the graphed backward's gradient buffers would be overwritten)"
+    if deterministic:
+        return "train.deterministic is on (the padded path's gathers add gradients with atomics)"
+    return None
 
 
 @torch.no_grad()
