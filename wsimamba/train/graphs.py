@@ -19,6 +19,8 @@ accumulated step would overwrite), not under deterministic algorithms.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -104,7 +106,10 @@ class BagGraphs:
         # and the casts an enclosing autocast cached hold autograd nodes made on the default stream, which
         # would join the capture's side stream to it (a capture error): drop them
         torch.clear_autocast_cache()
-        with torch.autocast(device, dtype=dtype, enabled=autocast, cache_enabled=False):
+        with torch.autocast(device, dtype=dtype, enabled=autocast, cache_enabled=False), warnings.catch_warnings():
+            # the warm-up runs on a side stream while the parameters' gradient accumulators were made on the
+            # default stream by the eager steps before: one extra wait in the warm-up, nothing in the graph
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
             graphed = torch.cuda.make_graphed_callables(module, (static_x, static_n), allow_unused_input=True,
                                                         pool=self._pool)
         return graphed, static_x, static_n
