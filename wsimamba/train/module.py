@@ -214,7 +214,7 @@ def graphs_unavailable(device_type: str, world_size: int, model: nn.Module, accu
     if accumulate > 1:
         return "train.accumulate > 1 (the graphed backward's gradient buffers would be overwritten)"
     if deterministic:
-        return "train.deterministic is on (the padded path's gathers add gradients with atomics)"
+        return "train.deterministic is on (the graphed, padded path is not checked under deterministic algorithms)"
     return None
 
 
