@@ -118,7 +118,10 @@ def test_a_mil_model_with_fast_layers_matches_and_a_bad_impl_is_named(seed):
 @pytest.mark.parametrize("name", ["lbmamba", "srmamba", "bimamba"])
 def test_fast_layers_on_the_gpu_match_at_a_bags_length(name, seed):
     """CUDA, Triton convolution and scan in both; a 10,003-patch bag at the papers' width (d_model 512, so
-    d_inner 1024); fp32 within 1e-4 relative, and under bf16 autocast both within 1e-2 of each other."""
+    d_inner 1024); fp32 within 1e-4 relative. Under bf16 autocast the fast layers are within 1e-2 of the fp32
+    reference (norm-relative), or no further from it than 1.5 times the reference layers' own bf16 run: two bf16
+    runs each carry their own rounding (a seed put them 1.03e-2 apart in dt_proj_b's gradient, each within
+    rounding of fp32)."""
     makers = {
         "lbmamba": lambda impl: wnn.LBMamba(512, impl=impl),
         "srmamba": lambda impl: wnn.SRMamba(512, impl=impl),
@@ -128,13 +131,16 @@ def test_fast_layers_on_the_gpu_match_at_a_bags_length(name, seed):
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(1, 10_003, 512, generator=torch.Generator().manual_seed(seed)).cuda()
     _compare(ref, fast, x, seed, 1e-4)
+    out_32, dx_32, g_32 = _run(ref, x, seed)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_r, dx_r, g_r = _run(ref, x, seed)
         out_f, dx_f, g_f = _run(fast, x, seed)
     assert out_f.dtype == out_r.dtype == torch.bfloat16
-    assert _rel_norm(out_f, out_r) < 1e-2 and _rel_norm(dx_f, dx_r) < 1e-2
-    for n in g_r:
-        assert _rel_norm(g_f[n], g_r[n]) < 1e-2, f"{n}: relative error {_rel_norm(g_f[n], g_r[n]):.2e}"
+    pairs = [("output", out_f, out_r, out_32), ("input gradient", dx_f, dx_r, dx_32)]
+    pairs += [(n, g_f[n], g_r[n], g_32[n]) for n in g_32]
+    for what, fast_bf16, ref_bf16, truth in pairs:
+        err, ref_err = _rel_norm(fast_bf16, truth), _rel_norm(ref_bf16, truth)
+        assert err < max(1e-2, 1.5 * ref_err), f"{what}: bf16 error {err:.2e} against the reference layers' {ref_err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["lbmambamil", "mambamil"])
