@@ -132,9 +132,23 @@ def _compare(args, tol, loose=None, **kw):
     truth = {"out": out64, **g64}
     for k in failing:
         err, ref_err = _rel(got[k].double(), truth[k]), _rel(ref[k].double(), truth[k])
+        if k == "out":
+            # an output that is a sum of terms of opposite sign is judged against the size of its terms:
+            # one element of 0.01 made of terms of ~0.5 had no fp32 answer good to 1e-5 of itself
+            err = min(err, ((got[k].double() - truth[k]).norm() / _term_sizes(f64_args, kw).norm()).item())
         assert err < max(tol, 2 * ref_err, loose.get(k, 0.0)), (
             k, "kernel vs float64", err, "fp32 reference vs float64", ref_err, "input seeds", _SEEDS)
     return out, g
+
+
+def _term_sizes(args, kw):
+    """Per output element, the sum of the absolute values of the terms the scan adds up (float64): the
+    reference on |u|, |B|, |C|, |D| (every decay and Δ is positive already), times |silu(z)|."""
+    bare = {k: (v.abs() if k in ("u", "B", "C", "D") and v is not None else v) for k, v in args.items()}
+    bare["z"] = None
+    sizes = selective_scan_reference(**bare, **kw)
+    z = args.get("z")
+    return sizes if z is None else sizes * torch.nn.functional.silu(z).abs()
 
 
 _GRAD = {}
