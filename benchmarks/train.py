@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gpu or args.gpu_smoke:
         global DEV
         DEV = "cpu" if args.gpu_smoke else "cuda"
+        if args.gpu_smoke:  # CUDA graphs need CUDA: the smoke run times the other layer kinds
+            args.layers, args.epoch_layers = (",".join(k for k in v.split(",") if not _kind(k)[1])
+                                              for v in (args.layers, args.epoch_layers))
         out = gpu_suite(args)
         text = json.dumps(out, indent=2)
         print(text)
