@@ -763,12 +763,19 @@ def _seq_program(A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An,
 
 
 @triton.jit
+def _kept(rs_row, pos, end):
+    """Packed sequences: the factor on the state carried into position `pos` (rs_row: the batch element's
+    reset flags): 0 where a sequence starts, else 1; 1 from `end` on (positions of another segment or none)."""
+    return 1.0 - tl.load(rs_row + pos, mask=pos < end, other=0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_seq_summary_kernel(
-    u_ptr, dt_ptr, A_ptr, Bt_ptr, bias_ptr, sx_ptr, sp_ptr,
+    u_ptr, dt_ptr, A_ptr, Bt_ptr, bias_ptr, sx_ptr, sp_ptr, rs_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
-    s_ub, s_ud, s_tb, s_td, s_Bb, s_Bg, s_Ad, s_An,
+    s_ub, s_ud, s_tb, s_td, s_Bb, s_Bg, s_Ad, s_An, s_rb,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr = False,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
@@ -778,6 +785,9 @@ def _fwd_seq_summary_kernel(
     # multiply less, and the cut-off test needs only each channel's slowest state.
     S = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slowest = tl.max(A2, axis=1)
+    # HAS_RESET (packed sequences): 0 once the walk has passed a sequence's first position, whose decay is
+    # cut: nothing before it reaches the segment's end
+    live = 1.0
     i = (end - start + STEP - 1) // STEP - 1
     go = i >= 0
     while go:
@@ -788,12 +798,16 @@ def _fwd_seq_summary_kernel(
         row_b = Bt_ptr + b * s_Bb + g * s_Bg + pos0.to(tl.int64) * N + n_idx
         for k in tl.static_range(STEP):
             Bt = tl.load(row_b + (STEP - 1 - k) * N).to(tl.float32)
-            X += tl.exp2(S[:, None] * A2) * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
+            X += (tl.exp2(S[:, None] * A2) * live) * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
             S += _pick(dt, t_idx, STEP - 1 - k)
+            if HAS_RESET:
+                live = live * _kept(rs_ptr + b * s_rb, pos0 + STEP - 1 - k, end)
         i -= 1
         # channels past DIM never hold the loop
         go = (i >= 0) & (tl.max(tl.where(mask_d, tl.exp2(slowest * S), 0.0), axis=0) >= SUMMARY_CUTOFF)
-    Q = tl.exp2(S[:, None] * A2)
+        if HAS_RESET:
+            go = go & (live > 0.0)
+    Q = tl.exp2(S[:, None] * A2) * live
     off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
     tl.store(sx_ptr + off, X, mask=mask_d[:, None])
     tl.store(sp_ptr + off, Q, mask=mask_d[:, None])
@@ -809,7 +823,8 @@ def _place(y, ys, t_idx, STEP: tl.constexpr):
 
 @triton.jit
 def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
-                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr):
+                 PREFETCH_BC: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr, SMEM_ROWS: tl.constexpr,
+                 rs_row, pos0, end, HAS_RESET: tl.constexpr):
     """One block of the sequential forward: the walk forward, h_t = a_t h_{t-1} + Δ_t u_t B_t and
     y_t += C_t·h_t; for LB then the window's walk back, y_t += C_t·r_t. row_b, row_c point at the
     block's first B and C row. Returns h and y.
@@ -820,7 +835,9 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N: tl.constexpr, ST
     SHFL_PICK (16 positions, state 16, the layout `FWD_SHFL_LAYOUT`): picks by one PTX shuffle
     (`_pick_row` with 2 lanes).
     SMEM_ROWS (the same tiles, fp32 rows): B and C rows read from the shared-memory buffer at byte offset sm
-    (`_smem_row`) instead of loaded, by the walk forward and again by the walk back."""
+    (`_smem_row`) instead of loaded, by the walk forward and again by the walk back.
+    HAS_RESET (packed sequences): the carried h is dropped where a sequence starts (`_kept`); the window's
+    walk back keeps every decay (it never crosses a window's end, and a sequence starts at a window's start)."""
     kept = ()
     ys = ()
     n_idx = tl.arange(0, N)
@@ -844,7 +861,10 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N: tl.constexpr, ST
             Bt = tl.load(row_b + t * N + n_idx).to(tl.float32)[None, :]
             Ct = tl.load(row_c + t * N + n_idx).to(tl.float32)[None, :]
         a = tl.exp2(_pick_row(dt, t_idx, t, SHFL_PICK, 2) * A2)
-        h = a * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt
+        if HAS_RESET:
+            h = (a * _kept(rs_row, pos0 + t, end)) * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt
+        else:
+            h = a * h + _pick_row(dtu, t_idx, t, SHFL_PICK, 2) * Bt
         if SUMS_AFTER:
             ys = ys + (tl.sum(h * Ct, axis=1),)
         else:
@@ -880,19 +900,21 @@ def _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N: tl.constexpr, ST
 
 @triton.jit
 def _fwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr, sx_ptr, sp_ptr,
+    u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr, sx_ptr, sp_ptr, rs_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_ob, s_od,
     s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
-    s_hb, s_hd, s_hn, s_hc,
+    s_hb, s_hd, s_hn, s_hc, s_rb,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, WINDOW: tl.constexpr,
     SAVE_EVERY: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_BC: tl.constexpr, PREFETCH_L1: tl.constexpr,
     IN_AHEAD: tl.constexpr, LATE_NEXT: tl.constexpr, SUMS_AFTER: tl.constexpr, SHFL_PICK: tl.constexpr,
     SMEM_ROWS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    HAS_RESET: tl.constexpr = False,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
+    rs_row = rs_ptr + b * s_rb
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     h = _state_entering(sx_ptr, sp_ptr, b, seg, offs_d, mask_d, n_idx, DIM, n_seg, N, BLOCK_D)
@@ -955,7 +977,7 @@ def _fwd_seq_kernel(
         row_b = bt_row0 + pos0.to(tl.int64) * N
         row_c = ct_row0 + pos0.to(tl.int64) * N
         h, y = _walk_window(h, A2, y, dt, dtu, t_idx, row_b, row_c, sm, N, STEP, WINDOW, PREFETCH_BC, SUMS_AFTER, SHFL_PICK,
-                            SMEM_ROWS)
+                            SMEM_ROWS, rs_row, pos0, end, HAS_RESET)
         if PREFETCH and LATE_NEXT:
             u_next, dt_next, mask_next = _seq_block_inputs(u_ptr, dt_ptr, bias, pos0 + STEP, t_idx, offs_d, mask_d, end,
                                                            b, s_ub, s_ud, s_tb, s_td, STEP, HAS_BIAS, SOFTPLUS)
@@ -1001,11 +1023,11 @@ def _fwd_seq_kernel(
 
 @triton.jit
 def _bwd_seq_summary_kernel(
-    u_ptr, dt_ptr, A_ptr, Ct_ptr, z_ptr, bias_ptr, dout_ptr, sk_ptr, sj_ptr,
+    u_ptr, dt_ptr, A_ptr, Ct_ptr, z_ptr, bias_ptr, dout_ptr, sk_ptr, sj_ptr, rs_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
-    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd, s_Cb, s_Cg, s_Ad, s_An,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd, s_Cb, s_Cg, s_Ad, s_An, s_rb,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr = False,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 1)
@@ -1015,6 +1037,8 @@ def _bwd_seq_summary_kernel(
     S = tl.zeros((BLOCK_D,), dtype=tl.float32)
     slowest = tl.max(A2, axis=1)
     base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
+    # HAS_RESET (packed sequences): 0 from a sequence's first position on: no carry passes it to the left
+    live = 1.0
     pos0 = start
     go = pos0 < end
     while go:
@@ -1023,11 +1047,15 @@ def _bwd_seq_summary_kernel(
         row_c = base_c + pos0.to(tl.int64) * N
         for t in tl.static_range(STEP):
             S += _pick(dt, t_idx, t)
-            J += tl.exp2(S[:, None] * A2) * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
+            if HAS_RESET:
+                live = live * _kept(rs_ptr + b * s_rb, pos0 + t, end)
+            J += (tl.exp2(S[:, None] * A2) * live) * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
         pos0 += STEP
         # channels past DIM never hold the loop
         go = (pos0 < end) & (tl.max(tl.where(mask_d, tl.exp2(slowest * S), 0.0), axis=0) >= SUMMARY_CUTOFF)
-    R = tl.exp2(S[:, None] * A2)
+        if HAS_RESET:
+            go = go & (live > 0.0)
+    R = tl.exp2(S[:, None] * A2) * live
     off = b * DIM * N * n_seg + offs_d[:, None] * (N * n_seg) + n_idx[None, :] * n_seg + seg
     tl.store(sk_ptr + off, R, mask=mask_d[:, None])
     tl.store(sj_ptr + off, J, mask=mask_d[:, None])
@@ -1069,19 +1097,24 @@ def _seq_block(u_ptr, dt_ptr, dout_ptr, z_ptr, bias, pos0, t_idx, offs_d, mask_d
 @triton.jit
 def _bwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, hs_ptr, sk_ptr, sj_ptr,
-    du_ptr, ddt_ptr, dA_ptr, dBt_ptr, dCt_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dBt_ptr, dCt_ptr, dD_ptr, dz_ptr, dbias_ptr, rs_ptr,
     L, DIM, DPG, SEG_LEN, n_seg,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_gb, s_gd,
     s_dub, s_dud, s_dtb, s_dtd, s_dzb, s_dzd,
     s_Bb, s_Bg, s_Cb, s_Cg, s_Ad, s_An,
-    s_hb, s_hd, s_hn, s_hc,
+    s_hb, s_hd, s_hn, s_hc, s_rb,
     N: tl.constexpr, BLOCK_D: tl.constexpr, TB: tl.constexpr, STEP: tl.constexpr, SUB: tl.constexpr,
     SUBP: tl.constexpr, WINDOW: tl.constexpr, VEC: tl.constexpr, PREFETCH_L1: tl.constexpr, PF: tl.constexpr,
     SCATTER: tl.constexpr, SHFL: tl.constexpr, SMEM_ROWS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_RESET: tl.constexpr = False,
 ):
     b, seg, offs_d, mask_d, g, t_idx, n_idx, bias, A2, start, end = _seq_program(
         A_ptr, bias_ptr, L, DIM, DPG, SEG_LEN, s_Ad, s_An, N, BLOCK_D, TB, HAS_BIAS, 0)
+    # HAS_RESET (packed sequences): the forward recurrence's decay is cut where a sequence starts (`_kept`), so
+    # h is recomputed with the cut and the adjoint λ passes no carry ρ = a λ to the left of it; μ and r, the
+    # window's terms, keep every decay (a sequence starts at a window's start, where they restart anyway)
+    rs_row = rs_ptr + b * s_rb
     NSUB: tl.constexpr = (STEP + SUB - 1) // SUB
     r_idx = tl.arange(0, SUBP)
     c_idx = tl.arange(0, BLOCK_D)  # the tile's channels, for the reduce-scatter of dB and dC
@@ -1147,7 +1180,10 @@ def _bwd_seq_kernel(
                         Bw = _smem_row(sbase, t, 0)
                     else:
                         Bw = tl.load(row_b + t * N).to(tl.float32)[None, :]
-                    h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
+                    if HAS_RESET:
+                        h = (a * _kept(rs_row, pw + t, blk_end)) * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
+                    else:
+                        h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
                     if WINDOW > 0:
                         if SMEM_ROWS:
                             Cw = _smem_row(sbase, STEP + t, 0)
@@ -1172,7 +1208,10 @@ def _bwd_seq_kernel(
                     Bw = _smem_row(sbase, t, 1)
                 else:
                     Bw = tl.load(row_b + t * N).to(tl.float32)[None, :]
-                h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
+                if HAS_RESET:
+                    h = (a * _kept(rs_row, ps + t, blk_end)) * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
+                else:
+                    h = a * h + _pick_row(dtu, t_idx, t, SHFL) * Bw
                 hist = hist + (h,)
                 if WINDOW > 0:
                     if SMEM_ROWS:
@@ -1207,7 +1246,10 @@ def _bwd_seq_kernel(
                 lam = dH + rho
                 a = tl.exp2(dt_c * A2)
                 rho_in = rho
-                rho = a * lam
+                if HAS_RESET:
+                    rho = (a * _kept(rs_row, ps + SUB - 1 - k, blk_end)) * lam
+                else:
+                    rho = a * lam
                 ht = hist[SUB - 1 - k]
                 # q = λ_t a_t h_{t-1} = ρ_{t-1} h_{t-1} from the kept states, not λ_t (h_t - b_t): that
                 # difference cancels when a_t is tiny
@@ -1486,12 +1528,13 @@ def _pad_state(A, B4, C4, Np):
     return pad(A, (0, Np - N)), pad(B4, (0, 0, 0, Np - N)), pad(C4, (0, 0, 0, Np - N))
 
 
-def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None):
+def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, resets=None):
     """The forward: sequential kernels where they fit (`FORWARD`), else the scan kernels.
 
     Returns out, saved states (or None), last state (or None), and a config for the backward: the
     scan kernels' config, whose chunks index the saved states, with "bwd" = "scan"; or, where the
     sequential backward runs, its config with "bwd" = "seq" (states saved at every one of its blocks).
+    resets: (batch, length + 1) int8, 1 where a packed sequence starts (the sequential kernels only).
     """
     N = A.shape[1]
     Np = triton.next_power_of_2(N)
@@ -1504,11 +1547,16 @@ def _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, s
             bwd_seq = _bwd_seq_config(u.shape[1], B4.shape[1], Np, window, tiles.get("bwd_seq"))
             # the forward walks blocks of the backward's size and saves the state entering each
             seq_override = {**(seq_override or {}), "TB": bwd_seq["STEP"]}
+        elif save_states and resets is not None:
+            raise TritonScanError("seq_idx: packed sequences run in the sequential backward only (BACKWARD='auto')")
         out, hs, last, scan_cfg = _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states,
                                            save_last, cfg=cfg, seq_override=seq_override,
-                                           save_every=bwd_seq["STEP"] if bwd_seq is not None else None)
+                                           save_every=bwd_seq["STEP"] if bwd_seq is not None else None, resets=resets)
         rows = scan_cfg.pop("rows")
         return out, hs, last, ({**bwd_seq, "bwd": "seq", "rows": rows} if bwd_seq is not None else {**scan_cfg, "bwd": "scan"})
+    if resets is not None:
+        raise TritonScanError(f"seq_idx: packed sequences run in the sequential kernels only (state ≤ {SEQ_MAX_STATE}, "
+                              f"window ≤ {SEQ_MAX_WINDOW}), got state {N}" + (f" and window {window}" if window else ""))
     out, hs, last, scan_cfg = _fwd_scan(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last,
                                         cfg=cfg)
     return out, hs, last, {**scan_cfg, "bwd": "scan"}
@@ -1622,7 +1670,7 @@ def _seq_config(dim: int, groups: int, window: int | None, chunk: int, override:
 
 
 def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_states, save_last, cfg=None, seq_override=None,
-             save_every=None):
+             save_every=None, resets=None):
     """The sequential forward. States are saved entering every scan chunk (for the scan backward), or
     every `save_every` positions, one of its own blocks (for the sequential backward)."""
     batch, dim, L = u.shape
@@ -1653,20 +1701,22 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
     sp = torch.empty((batch, dim, Np, n_seg), **f32)
     zz = z if z is not None else u
     bias = delta_bias if delta_bias is not None else u
+    rs = resets if resets is not None else u
+    s_rb = resets.stride(0) if resets is not None else 0
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
     tiles = dict(N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=sc["STEP"])
     if n_seg > 1:
         _fwd_seq_summary_kernel[(d_tiles, batch, n_seg - 1)](
-            u, delta, A, Bt, bias, sx, sp, L, dim, dim // groups, seg_len, n_seg,
+            u, delta, A, Bt, bias, sx, sp, rs, L, dim, dim // groups, seg_len, n_seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), Bt.stride(0), Bt.stride(1),
-            A.stride(0), A.stride(1), **tiles, **flags, num_warps=nw,
+            A.stride(0), A.stride(1), s_rb, **tiles, **flags, HAS_RESET=resets is not None, num_warps=nw,
         )
     args = (
-        u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, out, hs, last, sx, sp,
+        u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, out, hs, last, sx, sp, rs,
         L, dim, dim // groups, seg_len, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
-        *(hs.stride() if save_states else (0, 0, 0, 0)),
+        *(hs.stride() if save_states else (0, 0, 0, 0)), s_rb,
     )
     # B and C rows staged in shared memory: fp32 rows of 16 states (64 bytes) only
     smem_rows = sc["SMEM_ROWS"] and Np == 16 and Bt.dtype == torch.float32
@@ -1678,7 +1728,7 @@ def _fwd_seq(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, save_state
         SHFL_PICK=sc["SHFL_PICK" if smem_rows else "SHFL_PICK_ALONE"] and Np == 16,
         SMEM_ROWS=smem_rows,
         HAS_D=D is not None, HAS_Z=z is not None, **flags,
-        SAVE_STATES=save_states, SAVE_LAST=save_last, num_warps=nw,
+        SAVE_STATES=save_states, SAVE_LAST=save_last, HAS_RESET=resets is not None, num_warps=nw,
         **({"maxnreg": sc["maxnreg"]} if sc["maxnreg"] else {}),
     )
     grid = (d_tiles, batch, n_seg)
@@ -1753,11 +1803,14 @@ def _grad_buffers(u, delta, z, D, delta_bias, softplus, Np, n_seg, b_shape, c_sh
             dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus)))
 
 
-def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None, rows=None):
+def _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, cfg=None, rows=None, resets=None):
     """Launch the backward kernels; `fwd_cfg` is the forward's config (its chunks or blocks index `hs`);
     `rows`: the sequential forward's B and C row copies, if it kept them."""
     if fwd_cfg["bwd"] == "seq":
-        return _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, rows=rows)
+        return _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, fwd_cfg, rows=rows,
+                        resets=resets)
+    if resets is not None:  # (`_fwd` refuses this pairing)
+        raise TritonScanError("seq_idx: packed sequences run in the sequential backward only")
     batch, dim, L = u.shape
     groups, N = B4.shape[1], A.shape[1]
     Np = hs.shape[2]
@@ -1836,7 +1889,7 @@ def _shuffles_fit(kernel, args: tuple, consts: dict, grid: tuple, layout: str) -
     return _SHUFFLES_CHECKED[key]
 
 
-def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc, rows=None):
+def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, sc, rows=None, resets=None):
     """Launch the sequential backward; `sc` is its config, whose blocks index the saved states `hs`. `rows`:
     the forward's (Bt, Ct) row copies, used where their zero rows past the end are as many as needed here."""
     batch, dim, L = u.shape
@@ -1865,27 +1918,30 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
     # dB and dC accumulate in the transposed (batch, groups, length, state) layout of Bt and Ct
     du, ddt, dz, dA, dBt, dCt, dD, dbias, sk, sj, zz, dzz, bias, flags = _grad_buffers(
         u, delta, z, D, delta_bias, softplus, Np, n_seg, Bt.shape, Ct.shape)
+    rs = resets if resets is not None else u
+    s_rb = resets.stride(0) if resets is not None else 0
     if n_seg > 1:
         _bwd_seq_summary_kernel[(d_tiles, batch, n_seg - 1)](
-            u, delta, A, Ct, zz, bias, dout, sk, sj, L, dim, dim // groups, seg_len, n_seg,
+            u, delta, A, Ct, zz, bias, dout, sk, sj, rs, L, dim, dim // groups, seg_len, n_seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            dout.stride(0), dout.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
-            N=Np, BLOCK_D=bd, TB=triton.next_power_of_2(step), STEP=step, **flags, num_warps=nw,
+            dout.stride(0), dout.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1), s_rb,
+            N=Np, BLOCK_D=bd, TB=triton.next_power_of_2(step), STEP=step, **flags, HAS_RESET=resets is not None,
+            num_warps=nw,
         )
     args = (
         u, delta, A, Bt, Ct, D if D is not None else u, zz, bias, dout, hs, sk, sj,
-        du, ddt, dA, dBt, dCt, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA,
+        du, ddt, dA, dBt, dCt, dD if dD is not None else dA, dzz, dbias if dbias is not None else dA, rs,
         L, dim, dim // groups, seg_len, n_seg,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
         du.stride(0), du.stride(1), ddt.stride(0), ddt.stride(1), dzz.stride(0), dzz.stride(1),
         Bt.stride(0), Bt.stride(1), Ct.stride(0), Ct.stride(1), A.stride(0), A.stride(1),
-        hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3),
+        hs.stride(0), hs.stride(1), hs.stride(2), hs.stride(3), s_rb,
     )
     consts = dict(
         N=Np, BLOCK_D=bd, TB=sc["TB"], STEP=step, SUB=sc["SUB"], SUBP=max(2, triton.next_power_of_2(sc["SUB"])),  # a 1-row tile trips the interpreter
         WINDOW=int(window or 0), VEC=sc["VEC"], PREFETCH_L1=sc["PREFETCH_L1"], PF=triton.next_power_of_2(step),
         SCATTER=sc["SCATTER"], SHFL=sc["SHFL"], SMEM_ROWS=sc["SMEM_ROWS"] and Bt.dtype == torch.float32,
-        HAS_D=D is not None, **flags, num_warps=nw,
+        HAS_D=D is not None, **flags, HAS_RESET=resets is not None, num_warps=nw,
         **({"maxnreg": sc["maxnreg"]} if sc.get("maxnreg") else {}),
     )
     grid = (d_tiles, batch, n_seg)
@@ -1902,7 +1958,7 @@ def _bwd_seq(dout, u, delta, A, B4, C4, D, z, delta_bias, softplus, window, hs, 
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state, resets=None):
         B3, C3 = B.dim() == 3, C.dim() == 3
         B4, C4 = _as_groups(B, "B"), _as_groups(C, "C")
         if B4.shape[1] != C4.shape[1]:
@@ -1913,11 +1969,11 @@ class _ScanFn(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:8])
         tiles = TILE_OVERRIDE or {}
         out, hs, last, cfg = _fwd(u, delta, A, B4, C4, D, z, delta_bias, softplus, window, need_grad, return_last_state,
-                                  cfg=tiles.get("fwd"))
+                                  cfg=tiles.get("fwd"), resets=resets)
         rows = cfg.pop("rows", None)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, hs, *(rows or ()))
-        ctx.cfg = cfg
+        ctx.cfg, ctx.resets = cfg, resets
         ctx.softplus, ctx.window, ctx.B3, ctx.C3 = softplus, window, B3, C3
         ctx.B_dtype, ctx.C_dtype = B.dtype, C.dtype
         if return_last_state:
@@ -1929,26 +1985,40 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, dout, *rest):
         u, delta, A, B4, C4, D, z, delta_bias, hs, *rows = ctx.saved_tensors
         du, ddt, dA, dB, dC, dD, dz, dbias = _bwd(dout, u, delta, A, B4, C4, D, z, delta_bias, ctx.softplus, ctx.window, hs, ctx.cfg,
-                                                   cfg=(TILE_OVERRIDE or {}).get("bwd"), rows=tuple(rows) or None)
+                                                   cfg=(TILE_OVERRIDE or {}).get("bwd"), rows=tuple(rows) or None,
+                                                   resets=ctx.resets)
         dB = dB.to(ctx.B_dtype)
         dC = dC.to(ctx.C_dtype)
         if ctx.B3:
             dB = dB.squeeze(1)
         if ctx.C3:
             dC = dC.squeeze(1)
-        return du, ddt, dA, dB, dC, dD, dz, dbias, None, None, None
+        return du, ddt, dA, dB, dC, dD, dz, dbias, None, None, None, None
 
 
-def _one(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state):
-    return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state)
+def _one(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state, resets=None):
+    return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, softplus, window, return_last_state, resets)
+
+
+def _resets(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(batch, length + 1) int8: 1 where a packed sequence starts after position 0 (the carry into it is
+    dropped); a zero column at the end."""
+    out = torch.zeros(seq_idx.shape[0], seq_idx.shape[1] + 1, dtype=torch.int8, device=seq_idx.device)
+    out[:, 1:-1] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int8)
+    return out
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   direction="forward", window=None, return_last_state=False):
+                   direction="forward", window=None, return_last_state=False, seq_idx=None):
     """The Triton backend of `wsimamba.ops.selective_scan` (arguments already validated there).
 
     Returns out (batch, dim, length) in u's dtype, and (batch, dim, state) fp32 last state with
     `return_last_state` (forward direction only).
+
+    seq_idx (batch, length) int, nondecreasing: packed sequences, each scanned as if alone, in the sequential
+    kernels (state ≤ SEQ_MAX_STATE; else TritonScanError). local_bidirectional takes them only where every
+    sequence starts at a multiple of the window (its windows are counted from position 0; checked, one read
+    of the flags on the host), else TritonScanError.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
     if direction not in DIRECTIONS:
@@ -1957,15 +2027,22 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise TritonScanError("return_last_state is only defined for direction='forward'")
     if direction == "local_bidirectional" and (window is None or window < 1):
         raise TritonScanError(f"local_bidirectional needs a positive window, got {window!r}")
+    resets = _resets(seq_idx) if seq_idx is not None else None
     if direction == "forward":
-        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
+        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state, resets)
     if direction == "local_bidirectional":
-        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, int(window), False)
+        if resets is not None:
+            starts = resets[:, :-1].bool() & (torch.arange(u.shape[-1], device=u.device) % int(window) != 0)
+            if bool(starts.any()):
+                raise TritonScanError(f"seq_idx: with local_bidirectional every packed sequence must start at a "
+                                      f"multiple of the window ({window}) here")
+        return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, int(window), False, resets)
 
     def flip(t):
         return None if t is None else t.flip(-1)
 
-    rev = _one(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus, None, False).flip(-1)
+    rev = _one(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus, None, False,
+               _resets(seq_idx.flip(-1)) if seq_idx is not None else None).flip(-1)
     if direction == "reverse":
         return rev
-    return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, False) + rev
+    return _one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, False, resets) + rev

@@ -544,8 +544,8 @@ def test_packed_sequences_through_dispatch_and_their_errors(seed):
     alone_last = selective_scan_reference(**{k: (v[..., 8:] if k in ("u", "delta", "z", "B", "C") else v)
                                              for k, v in args.items()}, delta_softplus=True, return_last_state=True)[1]
     torch.testing.assert_close(last[1], alone_last[1])  # the state leaving the last sequence
-    with pytest.raises(ScanBackendError, match="backend='mamba_ssm'|backend='triton'"):
-        selective_scan(**args, seq_idx=seq_idx, backend="triton" if "triton" in list_backends() else "mamba_ssm")
+    with pytest.raises(ScanBackendError, match="backend=.mamba_ssm."):
+        selective_scan(**args, seq_idx=seq_idx, backend="mamba_ssm")
     bad = [
         (seq_idx.float(), "seq_idx: expected an int32/int64 tensor, got torch.float32"),
         (seq_idx[:, :5], r"seq_idx: expected shape \(2, 13\), got \(2, 5\)"),

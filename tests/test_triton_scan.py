@@ -546,6 +546,53 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
 
 
 # ----------------------------------------------------------------------------------------------
+# packed sequences (seq_idx): the sequential kernels' reset at a sequence's first position
+
+
+def _packed_ids(batch, length, starts_per_row, seed, window=None):
+    """(batch, length) int64 sequence ids, nondecreasing; each row's extra starts drawn from `seed` (multiples of
+    `window` with one), position 1 and the last position included in row 0 when they qualify."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    step = window or 1
+    for row in range(batch):
+        cands = torch.arange(step, length, step)
+        pick = cands[torch.randperm(len(cands), generator=g)[:starts_per_row]]
+        if row == 0 and window is None:
+            pick = torch.cat([pick, torch.tensor([1, length - 1])])
+        for start in pick.tolist():
+            ids[row, start:] += 1
+    return ids
+
+
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 4), ("reverse", None),
+                                              ("bidirectional", None)])
+@pytest.mark.parametrize("length", [37, 8])
+def test_packed_sequences_match_the_reference(direction, window, length, small_tiles):
+    """Output and every gradient against the reference's packed scan (each sequence alone), with sequence starts
+    inside blocks, on block and segment borders, at position 1 and at the last position: small tiles, so the
+    forward's and the backward's segment summaries carry across several starts."""
+    args = _inputs(2, 5, length, 4)
+    seq_idx = _packed_ids(2, length, 5, _SEEDS[-1], window).to(DEV)
+    kw = dict(delta_softplus=True, direction=direction, window=window)
+    out, _ = _compare(args, 1e-5, seq_idx=seq_idx, **kw)
+    if length > 8:  # the packing matters: the unpacked scan differs
+        assert not torch.allclose(out, ks.selective_scan(**args, **kw).float(), atol=1e-4)
+
+
+def test_packed_sequences_refusals():
+    """local_bidirectional needs every sequence to start at a window's start; the scan-based kernels (large
+    states) take no packing."""
+    args = _inputs(1, 4, 16, 4)
+    ids = torch.tensor([[0] * 6 + [1] * 10]).to(DEV)
+    with pytest.raises(ks.TritonScanError, match=r"multiple of the window \(4\)"):
+        ks.selective_scan(**args, delta_softplus=True, direction="local_bidirectional", window=4, seq_idx=ids)
+    big = _inputs(1, 4, 16, 80)
+    with pytest.raises(ks.TritonScanError, match="sequential kernels only"):
+        ks.selective_scan(**big, delta_softplus=True, seq_idx=ids)
+
+
+# ----------------------------------------------------------------------------------------------
 # full sizes, compiled, on the GPU
 
 
@@ -554,6 +601,15 @@ def test_shuffle_layout_check_reads_the_compiled_kernel():
 def test_gpu_long_sequence_fp32(direction, window):
     args = _inputs(1, 64, 2**17, 16, device="cuda")
     _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction,window", [("forward", None), ("local_bidirectional", 16), ("bidirectional", None)])
+def test_gpu_packed_sequences(direction, window):
+    """Default tiles (shared-memory rows, shuffles), 3 rows of ~20 packed sequences over 20,000 positions."""
+    args = _inputs(3, 128, 20_000, 16, device="cuda")
+    seq_idx = _packed_ids(3, 20_000, 20, _SEEDS[-1], window).cuda()
+    _compare(args, 1e-5, delta_softplus=True, direction=direction, window=window, seq_idx=seq_idx)
 
 
 def _run_checked(args, tiles, monkeypatch, **kw):

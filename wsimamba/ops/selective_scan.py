@@ -21,9 +21,10 @@ Per batch b, channel d and state n, with Δ = softplus(delta + delta_bias) when 
 Packed sequences (``seq_idx``, (batch, length) int, nondecreasing along the length, mamba-ssm's
 convention): a new sequence starts wherever seq_idx changes, and every sequence is scanned as if alone:
 h restarts at its first token, the reverse scan at its last, and local_bidirectional's windows are
-counted from its first token (so a window never spans two sequences). The reference and the naive
-oracle take it; the kernels do not yet (``auto`` then runs the reference; asking for another backend by
-name is a ScanBackendError).
+counted from its first token (so a window never spans two sequences). The reference, the naive oracle
+and the Triton kernels take it (Triton: in its sequential kernels, state ≤ 64, and for
+local_bidirectional only where every sequence starts at a multiple of the window, as the models' packed
+slots do; ``auto`` runs the reference otherwise); mamba-ssm's does not (a ScanBackendError by name).
 
 State and accumulation are fp32 (fp64 when any input is fp64, for gradcheck); the output has u's dtype.
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -533,6 +535,7 @@ class _Backend:
     directions: frozenset
     device_types: frozenset  # empty: any device
     refusals: tuple = ()  # exception types meaning "these inputs are not for me" (auto then uses the reference)
+    packs: bool = False  # fn takes seq_idx= (packed sequences)
 
 
 _REGISTERED: dict[str, _Backend] = {}
@@ -570,7 +573,8 @@ def _load_triton() -> _Backend:
         raise
     refusal = getattr(module, "TritonScanError", None)
     return _Backend("triton", module.selective_scan, frozenset(module.DIRECTIONS), frozenset({"cuda"}),
-                    (refusal,) if refusal is not None else ())
+                    (refusal,) if refusal is not None else (),
+                    packs="seq_idx" in inspect.signature(module.selective_scan).parameters)
 
 
 def _mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, window, return_last_state):
@@ -674,8 +678,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         backend: "auto", "reference", "triton" or "mamba_ssm" (module docstring).
         return_last_state: also return the final state (batch, dim, state); direction "forward" only.
         seq_idx: (batch, length) int32/int64, nondecreasing: several sequences packed into one, each
-            scanned as if alone (module docstring); local_bidirectional then needs ``window``. Only the
-            reference takes it for now: ``auto`` runs the reference, another backend by name refuses.
+            scanned as if alone (module docstring); local_bidirectional then needs ``window``. The reference
+            and the Triton kernels take it (Triton: its sequential kernels, state ≤ 64; local_bidirectional
+            only where every sequence starts at a multiple of the window); ``auto`` runs the reference where
+            Triton does not; mamba_ssm refuses it.
 
     Returns:
         out (batch, dim, length) in u's dtype, or (out, last_state) with ``return_last_state``.
@@ -686,20 +692,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             or inputs it refuses).
     """
     sizes = _check_args(u, delta, A, B, C, D, z, delta_bias, direction, window, return_last_state, seq_idx)
-    if seq_idx is not None:
-        if backend not in ("auto", "reference"):
-            _select(backend, u.device, direction)  # an unknown name is named as such
-            raise ScanBackendError(f"backend={backend!r} does not take seq_idx (packed sequences) yet; "
-                                   "use backend='reference' or 'auto'")
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, sizes.window,
-                                        return_last_state, seq_idx=seq_idx)
     chosen = _select(backend, u.device, direction)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, sizes.window, return_last_state)
+    packed = {} if seq_idx is None else {"seq_idx": seq_idx}
     if chosen.name == "reference":
-        return selective_scan_reference(*args)
+        return selective_scan_reference(*args, **packed)
+    if packed and not chosen.packs:
+        if backend == "auto":
+            return selective_scan_reference(*args, **packed)
+        raise ScanBackendError(f"backend={backend!r} does not take seq_idx (packed sequences); "
+                               "use backend='reference', 'triton' or 'auto'")
     try:
-        return chosen.fn(*args)
+        return chosen.fn(*args, **packed)
     except chosen.refusals as err:
         if backend == "auto":
-            return selective_scan_reference(*args)
+            return selective_scan_reference(*args, **packed)
         raise ScanBackendError(f"backend={chosen.name!r}: {err}") from err
