@@ -34,6 +34,12 @@ How the kernels work (kernels/NOTES.md has the reasoning and the measurements):
   when they were written, as do the shared-memory row reads; `_bwd_seq` and `_fwd_seq` read the
   compiled kernel's layout before the first launch of each specialization (`_shuffles_fit`) and use
   the `tl` form and loads where it differs (fp32 inputs in the forward, rows not aligned to 16 bytes).
+- Packed sequences (`seq_idx`, HAS_RESET): the sequential kernels read a reset flag per position (1
+  where a sequence starts) and cut the carried state there: the forward walk's h, both segment
+  summaries (a running factor that drops to 0 once the walk passes a start), and in the backward the
+  recomputed h and the adjoint's carry ρ = a λ. The local window's terms keep every decay: they never
+  cross a window's end, so a sequence that starts at a window's start (checked) needs nothing more.
+  The reverse directions run the flipped ids. The scan-based kernels refuse `seq_idx`.
 - Scan-based forward and backward: one program owns a tile of BLOCK_D channels of one batch
   element and walks the length in chunks of T positions, carrying the state h (BLOCK_D, state) on chip from chunk to chunk. Within a
   chunk, each state n is a (BLOCK_D, T) tile: a = exp(Δ A_n), b = Δ B_n u, and the recurrence
