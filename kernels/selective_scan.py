@@ -794,6 +794,7 @@ def _fwd_seq_summary_kernel(
     # HAS_RESET (packed sequences): 0 once the walk has passed a sequence's first position, whose decay is
     # cut: nothing before it reaches the segment's end
     live = 1.0
+    rs_row = rs_ptr + b * s_rb
     i = (end - start + STEP - 1) // STEP - 1
     go = i >= 0
     while go:
@@ -807,7 +808,7 @@ def _fwd_seq_summary_kernel(
             X += (tl.exp2(S[:, None] * A2) * live) * (_pick(dtu, t_idx, STEP - 1 - k)[:, None] * Bt[None, :])
             S += _pick(dt, t_idx, STEP - 1 - k)
             if HAS_RESET:
-                live = live * _kept(rs_ptr + b * s_rb, pos0 + STEP - 1 - k, end)
+                live = live * _kept(rs_row, pos0 + STEP - 1 - k, end)
         i -= 1
         # channels past DIM never hold the loop
         go = (i >= 0) & (tl.max(tl.where(mask_d, tl.exp2(slowest * S), 0.0), axis=0) >= SUMMARY_CUTOFF)
@@ -1045,6 +1046,7 @@ def _bwd_seq_summary_kernel(
     base_c = Ct_ptr + b * s_Cb + g * s_Cg + n_idx
     # HAS_RESET (packed sequences): 0 from a sequence's first position on: no carry passes it to the left
     live = 1.0
+    rs_row = rs_ptr + b * s_rb
     pos0 = start
     go = pos0 < end
     while go:
@@ -1054,7 +1056,7 @@ def _bwd_seq_summary_kernel(
         for t in tl.static_range(STEP):
             S += _pick(dt, t_idx, t)
             if HAS_RESET:
-                live = live * _kept(rs_ptr + b * s_rb, pos0 + t, end)
+                live = live * _kept(rs_row, pos0 + t, end)
             J += (tl.exp2(S[:, None] * A2) * live) * (_pick(dy, t_idx, t)[:, None] * tl.load(row_c + t * N).to(tl.float32)[None, :])
         pos0 += STEP
         # channels past DIM never hold the loop

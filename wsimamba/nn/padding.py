@@ -29,6 +29,11 @@ import torch.nn.functional as F
 PAD_DELTA = -1.0e4
 
 
+def valid_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, length) bool, True at each bag's first lengths[b] positions."""
+    return torch.arange(length, device=lengths.device) < lengths.to(torch.long).reshape(-1, 1)
+
+
 class PaddedBags:
     """Bags padded at the end: bag b's first ``lengths[b]`` of ``length`` tokens are real.
 
@@ -40,14 +45,10 @@ class PaddedBags:
         n = lengths.to(torch.long).reshape(-1, 1)
         pos = torch.arange(length, device=n.device)
         self.lengths, self.length = n[:, 0], length
-        self.valid = pos < n
+        self.valid = valid_mask(n[:, 0], length)
         self._pad = ~self.valid
         # bag b's real tokens reversed, its padding where it was
         self._reverse = torch.where(self.valid, n - 1 - pos, pos)
-
-    @property
-    def batch(self) -> int:
-        return self.valid.shape[0]
 
     def _take(self, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
         """x gathered along `dim` by index (batch, m): out[b, …, j, …] = x[b, …, index[b, j], …]."""

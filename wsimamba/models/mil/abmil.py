@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput, valid_mask as _valid
+from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput
+from wsimamba.nn.padding import valid_mask
 from wsimamba.models.mil.registry import register_model
 
 
@@ -26,7 +27,7 @@ class ABMIL(MILModel):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
         self._check_input(x, self.in_dim, lengths)
-        valid = None if lengths is None else _valid(lengths, x.shape[1])
+        valid = None if lengths is None else valid_mask(lengths, x.shape[1])
         pooled, a = self.pool(self.embed(x), valid)
         return MILOutput(self.classifier(pooled), a)
 

@@ -53,11 +53,6 @@ class MILModel(nn.Module, abc.ABC):
         # (the values are not read here: that would wait for the GPU, and a CUDA graph cannot capture it)
 
 
-def valid_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n) bool, True at each bag's first lengths[b] instances."""
-    return torch.arange(n, device=lengths.device) < lengths.to(torch.long)[:, None]
-
-
 class AttentionPool(nn.Module):
     """Attention pooling (Ilse et al. 2018): weights a_i = softmax_i(w·(tanh(V h_i) ⊙ σ(U h_i))).
 

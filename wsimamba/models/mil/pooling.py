@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from wsimamba.errors import ConfigError
-from wsimamba.models.mil.base import MILModel, MILOutput, valid_mask
+from wsimamba.models.mil.base import MILModel, MILOutput
+from wsimamba.nn.padding import valid_mask
 from wsimamba.models.mil.registry import register_model
 
 
