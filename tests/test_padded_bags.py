@@ -1,6 +1,7 @@
-"""Bags padded at their ends (``pad=`` on the Mamba blocks, ``lengths=`` on the MIL models) against the
-same bags run one by one: outputs at real tokens, input gradients and every parameter gradient
-(wsimamba/nn/padding.py). The padding holds large random values, so any leak shows."""
+"""Bags padded at their ends (``pad=`` on the Mamba blocks, ``lengths=`` on the MIL models) and bags packed
+into one sequence (``pad=PackedBags``, ``forward_bags``) against the same bags run one by one: outputs at
+real tokens, input gradients and every parameter gradient (wsimamba/nn/padding.py). The padding holds
+large random values, so any leak shows."""
 
 from __future__ import annotations
 
@@ -152,3 +153,155 @@ def test_padded_bags_on_the_gpu_match_their_lone_runs(name, seed):
         alone.logits.sum().backward()
     for key, grad in _grads(model).items():
         _close(padded_grads[key], grad, key, 1e-4)
+
+
+# ---- packed bags: several bags in one sequence, each in a slot aligned to `align`
+
+
+def _packed(seed, lengths, dim, align):
+    """The bags, and the packed sequence (1, length, dim) with large random values in the slots' padding."""
+    g = torch.Generator().manual_seed(seed)
+    bags = [torch.randn(n, dim, generator=g, dtype=torch.float64) for n in lengths]
+    x, pack = wnn.PackedBags.pack(bags, align)
+    noise = 30 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return bags, torch.where(pack.valid[..., None], x, noise), pack
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_packed_bags_match_their_bags_run_alone(name, impl, seed):
+    """Five bags of odd lengths (one of a single token) in slots aligned to the window: each bag's output,
+    input gradient (0 at padding) and every parameter gradient as when it runs alone, fp64."""
+    torch.manual_seed(seed)
+    block = BLOCKS[name](impl).double()
+    lengths = [13, 5, 21, 1, 8]
+    bags, x, pack = _packed(seed, lengths, 12, 4)
+    assert pack.starts == [0, 16, 24, 48, 52] and x.shape[1] == 60
+    x.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in lengths]
+
+    out = block(x, pad=pack)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    sum((out[0, s:s + n] * r[i]).sum() for i, (s, n) in enumerate(zip(pack.starts, lengths))).backward()
+    packed_grads = _grads(block)
+    block.zero_grad(set_to_none=True)
+    assert (x.grad[0][~pack.valid[0]] == 0).all(), "the padding got a gradient"
+    for i, (bag, s) in enumerate(zip(bags, pack.starts)):
+        xi = bag[None].requires_grad_(True)
+        alone = block(xi)
+        _close(out[0, s:s + len(bag)].detach(), alone[0].detach(), f"bag {i} output")
+        (alone[0] * r[i]).sum().backward()
+        _close(x.grad[0, s:s + len(bag)], xi.grad[0], f"bag {i} input gradient")
+    alone_grads = _grads(block)
+    assert packed_grads.keys() == alone_grads.keys() and len(alone_grads) > 5
+    for key in alone_grads:
+        _close(packed_grads[key], alone_grads[key], key)
+
+
+def test_without_the_slot_ids_packed_bags_leak(seed):
+    """The check above can fail: without seq_idx the convolution and the scan carry one bag into the next."""
+    torch.manual_seed(seed)
+    block = wnn.Mamba(12, d_state=4, impl="reference").double()
+    bags, x, pack = _packed(seed, [6, 7], 12, 1)
+    alone = block(bags[1][None])[0]
+    assert torch.allclose(block(x, pad=pack)[0, 6:], alone)
+    pack.seq_idx = None
+    assert not torch.allclose(block(x, pad=pack)[0, 6:], alone)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("lbmambamil", {}), ("lbmambamil", {"window": 8}), ("mambamil", {"rate": 4}), ("bimambamil", {}),
+    ("abmil", {}), ("meanpool", {}), ("maxpool", {}),
+])
+def test_mil_models_give_each_packed_bag_its_own_logits_and_gradients(name, kwargs, seed):
+    """forward_bags: logits, attention (0 past each bag's end) and parameter gradients equal the bags' own.
+    Lengths span LBMamba's three window classes (≤ 128, ≤ 256, longer), so its rule packs them apart."""
+    torch.manual_seed(seed)
+    extra = {"d_state": 4, "layers": 3} if "mamba" in name else {}
+    model = create_model(name, 8, 3, d_model=16, dropout=0.0, **extra, **kwargs).double().eval()
+    assert model.takes_packs
+    lengths = [130, 7, 300, 1, 257, 90]
+    g = torch.Generator().manual_seed(seed)
+    bags = [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in lengths]
+    out = model.forward_bags(bags)
+    assert out.logits.shape == (6, 3) and out.attention.shape == (6, 300)
+    out.logits.sum().backward()
+    packed_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    for i, bag in enumerate(bags):
+        alone = model(bag[None])
+        _close(out.logits[i].detach(), alone.logits[0].detach(), f"bag {i} logits")
+        _close(out.attention[i, : lengths[i]].detach(), alone.attention[0].detach(), f"bag {i} attention")
+        assert (out.attention[i, lengths[i]:] == 0).all()
+        alone.logits.sum().backward()
+    alone_grads = _grads(model)
+    for key in alone_grads:
+        _close(packed_grads[key], alone_grads[key], key)
+
+
+def test_lbmamba_packs_by_window_class_and_models_without_packing_run_bags_one_by_one():
+    model = create_model("lbmambamil", 8, 2, d_model=16, d_state=4)
+    assert model.pack_groups([300, 7, 200, 129, 500, 128]) == [([0, 4], 16), ([1, 5], 4), ([2, 3], 8)]
+    assert create_model("lbmambamil", 8, 2, d_model=16, window=32).pack_groups([7, 300]) == [([0, 1], 32)]
+    assert create_model("mambamil", 8, 2, d_model=16).pack_groups([7, 300]) == [([0, 1], 1)]
+    transmil = create_model("transmil", 8, 2, d_model=16, dropout=0.0).eval()
+    assert not transmil.takes_packs
+    bags = [torch.randn(n, 8) for n in (5, 11)]
+    out = transmil.forward_bags(bags)
+    for i, bag in enumerate(bags):
+        alone = transmil(bag[None])
+        assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-6)
+        assert torch.allclose(out.attention[i, : len(bag)], alone.attention[0], atol=1e-6)
+    with pytest.raises(WsimambaError, match=r"bag 1: expected shape \(instances >= 1, 8\), got \(4, 6\)"):
+        transmil.forward_bags([torch.randn(3, 8), torch.randn(4, 6)])
+    with pytest.raises(WsimambaError, match=r"bags: expected a non-empty list"):
+        transmil.forward_bags([])
+
+
+def test_packed_layouts_and_their_errors():
+    pack = wnn.PackedBags([5, 16, 1], align=8)
+    assert pack.starts == [0, 8, 24] and pack.length == 25
+    assert pack.seq_idx.tolist() == [[0] * 8 + [1] * 16 + [2]]
+    assert pack.valid[0].tolist() == [True] * 5 + [False] * 3 + [True] * 17
+    assert pack.lb_window(None) == 4 and pack.lb_window(8) == 8
+    with pytest.raises(WsimambaError, match=r"window 16: the packed slots start at multiples of 8, not of the "
+                                            r"window; pack with align=16"):
+        pack.lb_window(16)
+    with pytest.raises(WsimambaError, match=r"window=None: these packed bags \(5 to 300 tokens\) fall in different "
+                                            r"LBMamba window classes \[4, 16\]"):
+        wnn.PackedBags([5, 300], align=16).lb_window(None)
+    with pytest.raises(WsimambaError, match=r"sizes: expected one or more bags of at least 1 token, got \[3, 0\]"):
+        wnn.PackedBags([3, 0])
+    with pytest.raises(WsimambaError, match=r"align: expected a positive int, got 0"):
+        wnn.PackedBags([3], align=0)
+    with pytest.raises(WsimambaError, match=r"bag 1: expected shape \(instances >= 1, 4\), got \(2, 5\)"):
+        wnn.PackedBags.pack([torch.zeros(3, 4), torch.zeros(2, 5)])
+    # a block refuses a pack whose slots do not fit its window
+    block = wnn.LBMamba(4, d_state=2, window=8, impl="reference")
+    x, pack = wnn.PackedBags.pack([torch.randn(3, 4), torch.randn(3, 4)], align=4)
+    with pytest.raises(WsimambaError, match=r"window 8: the packed slots start at multiples of 4"):
+        block(x, pad=pack)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["lbmambamil", "mambamil", "bimambamil"])
+def test_packed_bags_on_the_gpu_match_their_lone_runs(name, seed):
+    """CUDA, fast layers (Triton convolution and scan with seq_idx), fp32: bags of 3,001, 4,999 and 700
+    patches packed into one sequence give their lone logits, attention and gradients within 1e-4."""
+    torch.manual_seed(seed)
+    model = create_model(name, 64, 2, d_model=128, dropout=0.0).cuda().eval()
+    g = torch.Generator().manual_seed(seed)
+    bags = [torch.randn(n, 64, generator=g).cuda() for n in (3001, 4999, 700)]
+    out = model.forward_bags(bags)
+    out.logits.sum().backward()
+    packed_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    for i, bag in enumerate(bags):
+        alone = model(bag[None])
+        _close(out.logits[i].detach(), alone.logits[0].detach(), f"bag {i} logits", 1e-4)
+        _close(out.attention[i, : len(bag)].detach(), alone.attention[0].detach(), f"bag {i} attention", 1e-4)
+        alone.logits.sum().backward()
+    for key, grad in _grads(model).items():
+        _close(packed_grads[key], grad, key, 1e-4)

@@ -1,6 +1,6 @@
 """Building blocks (nn.Module): the Mamba block and its variants."""
 
 from wsimamba.nn.mamba import AlternatingFlip, BiMamba, LBMamba, Mamba, SRMamba, stride_reorder, stride_restore
-from wsimamba.nn.padding import PaddedBags
+from wsimamba.nn.padding import PackedBags, PaddedBags
 
-__all__ = ["AlternatingFlip", "BiMamba", "LBMamba", "Mamba", "PaddedBags", "SRMamba", "stride_reorder", "stride_restore"]
+__all__ = ["AlternatingFlip", "BiMamba", "LBMamba", "Mamba", "PackedBags", "PaddedBags", "SRMamba", "stride_reorder", "stride_restore"]

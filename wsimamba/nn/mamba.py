@@ -24,8 +24,8 @@ Two implementations of the same function (``impl``):
 
 Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).
 
-Every block's forward also takes ``pad``: bags padded at their ends to one length
-(:mod:`wsimamba.nn.padding`), each computed as if alone (tests/test_padded_bags.py).
+Every block's forward also takes ``pad``: bags padded at their ends to one length, or packed into one
+sequence (:mod:`wsimamba.nn.padding`), each computed as if alone (tests/test_padded_bags.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 
 from wsimamba.nn.padding import PaddedBags
 from wsimamba.ops import causal_conv1d, selective_scan
+from wsimamba.ops.conv1d import causal_conv1d_reference
 from wsimamba.ops.selective_scan import DIRECTIONS, ScanArgumentError
 
 IMPLS = ("auto", "fast", "reference")
@@ -152,22 +153,21 @@ class Mamba(nn.Module):
         pad: a :class:`PaddedBags` (the padding's Δ is set to 0: identity steps) or None."""
         if self._fast(x):
             return self._ssm_fast(x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad)
-        length = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :length])  # conv pads both sides by d_conv − 1; the tail cut makes it causal
+        x = _reference_conv(conv1d, x, pad)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length); bias goes to the scan
         if pad is not None:
             dt = pad.mask_delta(dt)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
-            backend=self.backend,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, backend=self.backend,
+            **_scan_layout(direction, window, pad),
         )
 
     def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
         """The fast branch: x, z (batch, d_inner, length) with unit stride along the length (views of
         in_proj's output are fine) → y (batch, d_inner, length)."""
-        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu")
+        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu", seq_idx=_seq_idx(pad))
         # x_dbl = W_x x: (batch, dt_rank + 2·d_state, length), so Δ's low-rank part, B and C are rows
         x_dbl = _channel_first(x_proj.weight, x)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -176,8 +176,8 @@ class Mamba(nn.Module):
             dt = pad.mask_delta(dt)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B, C, D.float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
-            backend=self.backend,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, backend=self.backend,
+            **_scan_layout(direction, window, pad),
         )
 
     def _in(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +196,11 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, pad: PaddedBags | None = None) -> torch.Tensor:
         """hidden_states (batch, length, d_model) → (batch, length, d_model).
 
-        pad: the bags are padded at the end (:class:`wsimamba.nn.padding.PaddedBags`); each bag's real
-        tokens get what they would get alone. With a local_bidirectional scan and ``window=None`` the
-        window follows the padded length, so give the window to match bags of ≤ 256 tokens run alone."""
+        pad: the bags are padded at the end (:class:`wsimamba.nn.padding.PaddedBags`) or packed into one
+        sequence (:class:`wsimamba.nn.padding.PackedBags`); each bag's real tokens get what they would get
+        alone. Padded, a local_bidirectional scan with ``window=None`` takes its window from the padded
+        length, so give the window to match bags of ≤ 256 tokens run alone; packed, it takes each bag's
+        own, which must agree (:meth:`~wsimamba.nn.padding.PackedBags.lb_window`)."""
         if self.direction == "reverse":
             # the whole block on the flipped sequence, so the convolution is anti-causal too
             return _flip(self._forward(_flip(hidden_states, 1, pad), "forward", pad), 1, pad)
@@ -208,6 +210,31 @@ class Mamba(nn.Module):
         x, z = self._in(hidden_states)
         y = self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, direction, self.window, pad)
         return self._out(y)
+
+
+def _seq_idx(pad: PaddedBags | None) -> torch.Tensor | None:
+    """The packed bags' slot of every position (conv and scan restart at each), or None."""
+    return None if pad is None else pad.seq_idx
+
+
+def _scan_layout(direction: str, window: int | None, pad: PaddedBags | None) -> dict:
+    """The scan's ``window`` and ``seq_idx`` arguments. Packed bags need the window resolved here: LBMamba's
+    rule applied to each bag's length, as alone (:meth:`wsimamba.nn.PackedBags.lb_window`)."""
+    seq_idx = _seq_idx(pad)
+    if seq_idx is None:
+        return {"window": window}
+    if direction == "local_bidirectional":
+        window = pad.lb_window(window)
+    return {"window": window, "seq_idx": seq_idx}
+
+
+def _reference_conv(conv1d: nn.Conv1d, x: torch.Tensor, pad: PaddedBags | None) -> torch.Tensor:
+    """The reference layers' depthwise causal conv + SiLU: nn.Conv1d, or with packed bags the reference
+    op restarting at each slot."""
+    if _seq_idx(pad) is not None:
+        return causal_conv1d_reference(x, conv1d.weight, conv1d.bias, activation="silu", seq_idx=pad.seq_idx)
+    # conv pads both sides by d_conv − 1; the tail cut makes it causal
+    return F.silu(conv1d(x)[..., :x.shape[-1]])
 
 
 def _flip(x: torch.Tensor, dim: int, pad: PaddedBags | None) -> torch.Tensor:

@@ -18,12 +18,24 @@ meaningless. How the blocks keep the padding out:
 
 Everything is computed on the device from the lengths tensor, with no host read, so a CUDA graph can
 capture it with the lengths as an input.
+
+:class:`PackedBags` is the other layout: several bags concatenated into one sequence (batch 1), each
+in a slot that starts at a multiple of ``align`` (its real tokens, then padding to the next slot), so a
+batch of bags of very different lengths costs one sequence of about their total length instead of
+batch × the longest. The same rules keep the padding out, and ``seq_idx`` (the slot of each position)
+makes the convolution and the scan start afresh at every slot (:func:`wsimamba.ops.causal_conv1d`,
+:func:`wsimamba.ops.selective_scan`). Slots that start at multiples of LBMamba's window give each bag
+the windows it has alone. Its index tensors are built from the lengths as host integers.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from wsimamba.errors import WsimambaError
 
 # softplus(−10⁴ + bias) is exactly 0 in fp32 and bf16 (e^−10⁴ underflows), and −10⁴ is finite, so no 0·∞
 PAD_DELTA = -1.0e4
@@ -38,8 +50,11 @@ class PaddedBags:
     """Bags padded at the end: bag b's first ``lengths[b]`` of ``length`` tokens are real.
 
     lengths: (batch,) integer tensor on the device of the hidden states, each in [1, length].
-    Attributes: ``valid`` (batch, length) bool, True at real tokens; ``lengths`` (batch,) int64.
+    Attributes: ``valid`` (batch, length) bool, True at real tokens; ``lengths`` (batch,) int64;
+    ``seq_idx`` None (every row is one bag; :class:`PackedBags` sets it).
     """
+
+    seq_idx: torch.Tensor | None = None
 
     def __init__(self, lengths: torch.Tensor, length: int):
         n = lengths.to(torch.long).reshape(-1, 1)
@@ -89,3 +104,138 @@ class PaddedBags:
         k = (n + rate - 1) // rate
         t = torch.arange(self.length, device=n.device)
         return self._take(y, torch.where(t < n, (t % rate) * k + t // rate, 0), -1)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or fp64 when it is fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class PackedBagsError(WsimambaError):
+    """Bags that cannot be packed as asked (an empty list, an empty bag, mixed widths, a bad alignment)."""
+
+
+class PackedBags(PaddedBags):
+    """Bags packed into one sequence of ``length`` tokens (batch 1): bag b's ``sizes[b]`` real tokens start
+    at ``starts[b]``, a multiple of ``align``, and padding fills its slot up to the next bag's start
+    (none after the last bag).
+
+    sizes: the bags' lengths, host ints ≥ 1. Attributes as :class:`PaddedBags` for a batch of one row
+    (``valid`` (1, length), ``lengths`` (bags,) int64), plus ``seq_idx`` (1, length) int32, the slot
+    of every position (nondecreasing: the convolution and scan restart at each slot), ``bag`` (length,)
+    int64 the same ids, ``sizes``, ``starts`` (host ints) and ``align``. Build it with :meth:`pack`.
+    """
+
+    def __init__(self, sizes: list[int], align: int = 1, device: torch.device | str = "cpu"):
+        sizes = [int(n) for n in sizes]
+        if not sizes or min(sizes) < 1:
+            raise PackedBagsError(f"sizes: expected one or more bags of at least 1 token, got {sizes}")
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise PackedBagsError(f"align: expected a positive int, got {align!r}")
+        starts, at = [], 0
+        for n in sizes:
+            starts.append(at)
+            at += -(-n // align) * align
+        length = starts[-1] + sizes[-1]  # no padding after the last bag
+        self.sizes, self.starts, self.align, self.length = sizes, list(starts), align, length
+        device = torch.device(device)
+        slot = torch.tensor([b - a for a, b in zip(self.starts, self.starts[1:] + [length])], device=device)
+        self.bag = torch.repeat_interleave(torch.arange(len(sizes), device=device), slot, output_size=length)
+        self.lengths = torch.tensor(sizes, device=device)
+        self._start = torch.tensor(self.starts, device=device)
+        pos = torch.arange(length, device=device)
+        start, n = self._start[self.bag], self.lengths[self.bag]
+        self.local = pos - start  # each position's place in its bag
+        self.valid = (self.local < n)[None]
+        self._pad = ~self.valid
+        self.seq_idx = self.bag.to(torch.int32)[None]
+        self._reverse = torch.where(self.valid[0], start + n - 1 - self.local, pos)[None]
+
+    @classmethod
+    def pack(cls, bags: list[torch.Tensor], align: int = 1) -> tuple[torch.Tensor, "PackedBags"]:
+        """bags: (N_b, dim) tensors on one device → (x (1, length, dim) with zeros in the padding, layout)."""
+        if not bags:
+            raise PackedBagsError("bags: expected at least one bag, got an empty list")
+        for i, b in enumerate(bags):
+            if b.dim() != 2 or b.shape[0] < 1 or b.shape[1] != bags[0].shape[1]:
+                raise PackedBagsError(f"bag {i}: expected shape (instances >= 1, {bags[0].shape[-1]}), "
+                                      f"got {tuple(b.shape)}")
+        layout = cls([b.shape[0] for b in bags], align, bags[0].device)
+        parts = []
+        for b, n, start, end in zip(bags, layout.sizes, layout.starts, layout.starts[1:] + [layout.length]):
+            parts.append(b)
+            if end - start > n:
+                parts.append(b.new_zeros(end - start - n, b.shape[1]))
+        return torch.cat(parts)[None], layout
+
+    def lb_window(self, window: int | None) -> int:
+        """The window a locally bidirectional scan uses on these bags: `window`, or LBMamba's rule
+        (:func:`wsimamba.ops.default_window`) for each bag's own length, which must then agree. Every
+        slot must start at a multiple of it (so each bag's windows are its windows alone)."""
+        from wsimamba.ops.selective_scan import default_window
+
+        if window is None:
+            windows = {default_window(n) for n in self.sizes}
+            if len(windows) > 1:
+                raise PackedBagsError(
+                    f"window=None: these packed bags ({min(self.sizes)} to {max(self.sizes)} tokens) fall in "
+                    f"different LBMamba window classes {sorted(windows)}; pack bags of one class, or set the window")
+            window = windows.pop()
+        if any(s % window for s in self.starts):
+            raise PackedBagsError(f"window {window}: the packed slots start at multiples of {self.align}, "
+                                  f"not of the window; pack with align={math.lcm(self.align, window)}")
+        return window
+
+    def stride_reorder(self, x: torch.Tensor, rate: int) -> tuple[torch.Tensor, "PackedBags"]:
+        """:func:`wsimamba.nn.stride_reorder` of each bag alone, the results packed back to back.
+
+        x (1, channels, length) → (1, channels, Σ ceil(n_b / rate)·rate) and its :class:`PackedBags`
+        (the zeros that pad each bag to a multiple of `rate` count as its tokens, as alone)."""
+        ks = [-(-n // rate) for n in self.sizes]
+        sizes = [k * rate for k in ks]
+        out = PackedBags(sizes, 1, x.device)
+        k = torch.tensor(ks, device=x.device)[out.bag]
+        j = out.local
+        src = (j % k) * rate + j // k  # reordered position o·k + i of a bag holds its token i·rate + o
+        index = torch.where(src < self.lengths[out.bag], self._start[out.bag] + src, self.length)
+        return F.pad(x, (0, 1)).index_select(-1, index), out
+
+    def stride_restore(self, y: torch.Tensor, rate: int) -> torch.Tensor:
+        """Inverse of :meth:`stride_reorder`: (1, channels, reordered length) → (1, channels, length)
+        (padding positions get a bag's first token)."""
+        ks = [-(-n // rate) for n in self.sizes]
+        starts = [0]
+        for k in ks[:-1]:
+            starts.append(starts[-1] + k * rate)
+        k = torch.tensor(ks, device=y.device)[self.bag]
+        t = torch.where(self.valid[0], self.local, 0)
+        return y.index_select(-1, torch.tensor(starts, device=y.device)[self.bag] + (t % rate) * k + t // rate)
+
+    # ---- per-bag reductions over the packed sequence, for the pooling heads
+
+    def segment_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (length,) → each bag's softmax over its real tokens (0 at padding), fp32 (or fp64)."""
+        s = _wide(scores).masked_fill(self._pad[0], float("-inf"))
+        top = s.new_full((len(self.sizes),), float("-inf"))
+        top = top.scatter_reduce(0, self.bag, s.detach(), "amax")  # a shift: the softmax does not depend on it
+        e = torch.exp(s - top[self.bag])
+        return e / torch.zeros_like(top).index_add(0, self.bag, e)[self.bag]
+
+    def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """values (length, …) → (bags, …), each bag's sum over its real tokens, accumulated in fp32 (or fp64)."""
+        v = _wide(values).masked_fill(self._pad[0].reshape(-1, *[1] * (values.dim() - 1)), 0)
+        return v.new_zeros(len(self.sizes), *values.shape[1:]).index_add(0, self.bag, v)
+
+    def segment_max(self, values: torch.Tensor) -> torch.Tensor:
+        """values (length, …) → (bags, …), each bag's max over its real tokens."""
+        v = values.masked_fill(self._pad[0].reshape(-1, *[1] * (values.dim() - 1)), float("-inf"))
+        out = v.new_full((len(self.sizes), *values.shape[1:]), float("-inf"))
+        index = self.bag.reshape(-1, *[1] * (values.dim() - 1)).expand_as(v)
+        return out.scatter_reduce(0, index, v, "amax")
+
+    def unpack(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """values (length,) → (bags, the longest bag) with each bag's real tokens first, `fill` after."""
+        longest = max(self.sizes)
+        j = torch.arange(longest, device=values.device)
+        index = torch.where(j < self.lengths[:, None], self._start[:, None] + j, self.length)
+        return torch.cat([values, values.new_full((1,), fill)]).take(index)

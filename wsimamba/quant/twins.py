@@ -35,10 +35,9 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from wsimamba.nn.mamba import Mamba
+from wsimamba.nn.mamba import Mamba, _reference_conv, _scan_layout
 from wsimamba.ops import selective_scan
 from wsimamba.quant.quantizers import ActQuantizer, QuantLinear
 from wsimamba.quant.rotation import hadamard_transform, klt_rotation, random_signs
@@ -186,9 +185,8 @@ class QuantMambaMixin(QuantTwin):
 
     def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
         sfx = "" if conv1d is self.conv1d else "_b"
-        length = x.shape[-1]
         x = getattr(self, "conv_quant" + sfx)(x)
-        x = F.silu(conv1d(x)[..., :length])
+        x = _reference_conv(conv1d, x, pad)
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt_proj(dt, add_bias=False).transpose(1, 2)
         if pad is not None:
@@ -197,8 +195,8 @@ class QuantMambaMixin(QuantTwin):
         C = getattr(self, "C_quant" + sfx)(C)
         return selective_scan(
             x, dt, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, window=window,
-            backend=self.backend,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, direction=direction, backend=self.backend,
+            **_scan_layout(direction, window, pad),
         )
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ class ABMIL(MILModel):
     """
 
     takes_lengths = True
+    takes_packs = True
 
     def __init__(self, in_dim: int, n_classes: int, d_model: int = 512, attn_dim: int = 128, dropout: float = 0.25):
         super().__init__()
@@ -29,6 +30,10 @@ class ABMIL(MILModel):
         self._check_input(x, self.in_dim, lengths)
         valid = None if lengths is None else valid_mask(lengths, x.shape[1])
         pooled, a = self.pool(self.embed(x), valid)
+        return MILOutput(self.classifier(pooled), a)
+
+    def _forward_packed(self, x, pack):
+        pooled, a = self.pool(self.embed(x), pack=pack)
         return MILOutput(self.classifier(pooled), a)
 
 

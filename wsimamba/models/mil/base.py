@@ -6,9 +6,11 @@ import abc
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsimamba.errors import WsimambaError
+from wsimamba.nn.padding import PackedBags
 
 
 class MILOutput(NamedTuple):
@@ -30,15 +32,48 @@ class MILModel(nn.Module, abc.ABC):
     padded at their ends to it: ``lengths`` (B,) integer tensor, bag b's first lengths[b] instances
     are real. Models with ``takes_lengths`` then give each bag's logits as if it ran alone, and
     attention 0 at padding; the others refuse ``lengths``.
+
+    :meth:`forward_bags` takes a list of bags of any lengths. Models with ``takes_packs`` run them packed
+    into one sequence (:class:`wsimamba.nn.PackedBags`: one launch per layer for the whole batch, each
+    bag computed as if alone); the others run them one by one.
     """
 
     in_dim: int
     n_classes: int
     takes_lengths: bool = False
+    takes_packs: bool = False
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
         """x (B, N, in_dim) [, lengths (B,)] → MILOutput(logits (B, n_classes), attention (B, N))."""
+
+    def forward_bags(self, bags: list[torch.Tensor]) -> MILOutput:
+        """bags: (N_b, in_dim) tensors on one device → MILOutput(logits (B, n_classes), attention (B, max N_b)),
+        bag b's attention in its first N_b columns and 0 after, each bag's as if it ran alone."""
+        if not isinstance(bags, (list, tuple)) or not bags:
+            raise WsimambaError(f"bags: expected a non-empty list of (instances, {self.in_dim}) tensors")
+        for i, b in enumerate(bags):
+            if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[0] < 1 or b.shape[1] != self.in_dim:
+                raise WsimambaError(f"bag {i}: expected shape (instances >= 1, {self.in_dim}), got "
+                                    f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+        if not self.takes_packs:
+            outs = [self(b[None]) for b in bags]
+            return MILOutput(torch.cat([o.logits for o in outs]), _rows([o.attention[0] for o in outs]))
+        logits, attention = [None] * len(bags), [None] * len(bags)
+        for members, align in self.pack_groups([b.shape[0] for b in bags]):
+            x, pack = PackedBags.pack([bags[i] for i in members], align)
+            out = self._forward_packed(x, pack)
+            for row, i in enumerate(members):
+                logits[i], attention[i] = out.logits[row], out.attention[row, : bags[i].shape[0]]
+        return MILOutput(torch.stack(logits), _rows(attention))
+
+    def pack_groups(self, sizes: list[int]) -> list[tuple[list[int], int]]:
+        """How :meth:`forward_bags` packs bags of these lengths: (bag indices, slot alignment) per pack."""
+        return [(list(range(len(sizes))), 1)]
+
+    def _forward_packed(self, x: torch.Tensor, pack: PackedBags) -> MILOutput:
+        """x (1, length, in_dim) packed bags → MILOutput(logits (bags, n_classes), attention (bags, longest))."""
+        raise NotImplementedError(f"{type(self).__name__} does not take packed bags")
 
     def _check_input(self, x: torch.Tensor, in_dim: int, lengths: torch.Tensor | None = None) -> None:
         if x.dim() != 3 or x.shape[-1] != in_dim or x.shape[1] < 1:
@@ -53,11 +88,18 @@ class MILModel(nn.Module, abc.ABC):
         # (the values are not read here: that would wait for the GPU, and a CUDA graph cannot capture it)
 
 
+def _rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """1-d tensors of different lengths → (len(rows), the longest), zero after each row's end."""
+    longest = max(r.shape[0] for r in rows)
+    return torch.stack([F.pad(r, (0, longest - r.shape[0])) for r in rows])
+
+
 class AttentionPool(nn.Module):
     """Attention pooling (Ilse et al. 2018): weights a_i = softmax_i(w·(tanh(V h_i) ⊙ σ(U h_i))).
 
     With ``gated=False`` the sigmoid gate is dropped (plain attention, as in MambaMIL).
-    forward(h (B, N, d) [, valid (B, N) bool: False at padding, weight 0]) → (pooled (B, d), weights (B, N)).
+    forward(h (B, N, d) [, valid (B, N) bool: False at padding, weight 0]) → (pooled (B, d), weights (B, N));
+    or forward(h (1, length, d), pack=PackedBags) → (pooled (bags, d), weights (bags, longest bag)).
     """
 
     def __init__(self, d: int, hidden: int = 128, gated: bool = True, dropout: float = 0.0):
@@ -66,12 +108,18 @@ class AttentionPool(nn.Module):
         self.u = nn.Sequential(nn.Linear(d, hidden), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
         self.w = nn.Linear(hidden, 1)
 
-    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None,
+                pack: PackedBags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.v(h)
         if self.u is not None:
             g = g * self.u(h)
         # softmax in fp32: bags of 10^5 instances under bf16 lose the small weights otherwise
-        scores = self.w(g).squeeze(-1).float()
+        scores = self.w(g).squeeze(-1)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if pack is not None:
+            a = pack.segment_softmax(scores[0])
+            pooled = pack.segment_sum(a[:, None] * h[0].to(a.dtype)).to(h.dtype)
+            return pooled, pack.unpack(a)
         if valid is not None:
             scores = scores.masked_fill(~valid, float("-inf"))
         a = torch.softmax(scores, dim=-1)

@@ -23,6 +23,7 @@ import wsimamba.nn as wnn
 from wsimamba.errors import ConfigError
 from wsimamba.models.mil.base import AttentionPool, MILModel, MILOutput
 from wsimamba.models.mil.registry import register_model
+from wsimamba.ops.selective_scan import default_window
 
 
 class PreNormResidual(nn.Module):
@@ -45,14 +46,18 @@ class MambaMILBase(MILModel):
     forward(x (B, N, in_dim) [, lengths (B,)]) → logits (B, n_classes), attention (B, N) softmax weights
     (in patch order). With lengths (bags padded at their ends) the mixers get a ``wsimamba.nn.PaddedBags``;
     LBMamba's default window then follows N, so bags of ≤ 256 patches match their lone runs only with
-    ``window`` set or N in the same window class (≤ 128, ≤ 256, longer).
+    ``window`` set or N in the same window class (≤ 128, ≤ 256, longer). :meth:`forward_bags` packs
+    bags into one sequence (``wsimamba.nn.PackedBags``), one pack per window class for LBMamba's rule.
     """
 
     takes_lengths = True
+    takes_packs = True
 
     def __init__(self, in_dim: int, n_classes: int, make_mixer, d_model: int, layers: int, dropout: float,
-                 attn_dim: int, flip_between_layers: bool = False):
+                 attn_dim: int, flip_between_layers: bool = False, local_window: int | None | bool = False):
         super().__init__()
+        # the mixers' local_bidirectional window (None: LBMamba's rule per bag), or False: no local scan
+        self.local_window = local_window
         if layers < 1:
             raise ConfigError(f"model.layers must be >= 1, got {layers}")
         self.in_dim, self.n_classes = in_dim, n_classes
@@ -65,14 +70,35 @@ class MambaMILBase(MILModel):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> MILOutput:
         self._check_input(x, self.in_dim, lengths)
-        pad = None if lengths is None else wnn.PaddedBags(lengths, x.shape[1])
+        return self._body(x, None if lengths is None else wnn.PaddedBags(lengths, x.shape[1]))
+
+    def pack_groups(self, sizes: list[int]) -> list[tuple[list[int], int]]:
+        """One pack, or with LBMamba's window rule one per window class, its slots aligned to the window
+        (each bag gets the windows it has alone)."""
+        if self.local_window is False:
+            return [(list(range(len(sizes))), 1)]
+        if self.local_window is not None:
+            return [(list(range(len(sizes))), self.local_window)]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(sizes):
+            groups.setdefault(default_window(n), []).append(i)
+        return [(members, window) for window, members in groups.items()]
+
+    def _forward_packed(self, x: torch.Tensor, pack: wnn.PackedBags) -> MILOutput:
+        return self._body(x, pack)
+
+    def _body(self, x: torch.Tensor, pad: wnn.PaddedBags | None) -> MILOutput:
+        packed = isinstance(pad, wnn.PackedBags)
         h = self.embed(x)
         if isinstance(self.layers, wnn.AlternatingFlip):
             h = self.layers(h, pad=pad)
         else:
             for layer in self.layers:
                 h = layer(h, pad)
-        pooled, a = self.pool(self.norm(h), None if pad is None else pad.valid)
+        if packed:
+            pooled, a = self.pool(self.norm(h), pack=pad)
+        else:
+            pooled, a = self.pool(self.norm(h), None if pad is None else pad.valid)
         return MILOutput(self.classifier(pooled), a)
 
 
@@ -106,5 +132,5 @@ def lbmambamil(in_dim: int, n_classes: int, d_model: int = 512, layers: int = 2,
         in_dim, n_classes,
         lambda d: wnn.LBMamba(d, d_state=d_state, d_conv=d_conv, expand=expand, window=window, backend=backend,
                               impl=impl),
-        d_model, layers, dropout, attn_dim, flip_between_layers=True,
+        d_model, layers, dropout, attn_dim, flip_between_layers=True, local_window=window,
     )

@@ -24,6 +24,7 @@ class InstancePool(MILModel):
     """
 
     takes_lengths = True
+    takes_packs = True
 
     def __init__(self, in_dim: int, n_classes: int, mode: str, d_model: int = 512, dropout: float = 0.25):
         super().__init__()
@@ -45,6 +46,14 @@ class InstancePool(MILModel):
         else:
             logits = inst.masked_fill(~valid, float("-inf")).max(1).values
         return MILOutput(logits, inst[..., -1].float().masked_fill(~valid[..., 0], 0))
+
+    def _forward_packed(self, x, pack):
+        inst = self.classifier(self.embed(x))[0]  # (length, C)
+        if self.mode == "mean":
+            logits = (pack.segment_sum(inst) / pack.lengths[:, None]).to(inst.dtype)
+        else:
+            logits = pack.segment_max(inst)
+        return MILOutput(logits, pack.unpack(inst[:, -1].float()))
 
 
 @register_model("meanpool", "mean of instance logits (instance MLP, then average)")
