@@ -106,6 +106,11 @@ class PaddedBags:
         return self._take(y, torch.where(t < n, (t % rate) * k + t // rate, 0), -1)
 
 
+def _device_ints(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Rows of host ints as int64 tensors on `device`, in one copy."""
+    return list(torch.tensor(rows, dtype=torch.long).to(device).unbind(0))
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """t in fp32, or fp64 when it is fp64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -139,10 +144,10 @@ class PackedBags(PaddedBags):
         length = starts[-1] + sizes[-1]  # no padding after the last bag
         self.sizes, self.starts, self.align, self.length = sizes, list(starts), align, length
         device = torch.device(device)
-        slot = torch.tensor([b - a for a, b in zip(self.starts, self.starts[1:] + [length])], device=device)
+        slot = [b - a for a, b in zip(self.starts, self.starts[1:] + [length])]
+        self.lengths, self._start, slot = _device_ints([sizes, self.starts, slot], device)
         self.bag = torch.repeat_interleave(torch.arange(len(sizes), device=device), slot, output_size=length)
-        self.lengths = torch.tensor(sizes, device=device)
-        self._start = torch.tensor(self.starts, device=device)
+        self._reordered: dict[int, tuple[torch.Tensor, torch.Tensor, "PackedBags"]] = {}
         pos = torch.arange(length, device=device)
         start, n = self._start[self.bag], self.lengths[self.bag]
         self.local = pos - start  # each position's place in its bag
@@ -186,16 +191,23 @@ class PackedBags(PaddedBags):
                                   f"not of the window; pack with align={math.lcm(self.align, window)}")
         return window
 
+    def _reordering(self, rate: int) -> tuple[torch.Tensor, torch.Tensor, "PackedBags"]:
+        """Per bag: columns k_b = ceil(n_b / rate) and reordered starts (device), and the reordered layout;
+        made once per rate (every SRMamba layer of a forward shares them)."""
+        if rate not in self._reordered:
+            ks = [-(-n // rate) for n in self.sizes]
+            out = PackedBags([k * rate for k in ks], 1, self.bag.device)
+            k, start = _device_ints([ks, out.starts], self.bag.device)
+            self._reordered[rate] = (k, start, out)
+        return self._reordered[rate]
+
     def stride_reorder(self, x: torch.Tensor, rate: int) -> tuple[torch.Tensor, "PackedBags"]:
         """:func:`wsimamba.nn.stride_reorder` of each bag alone, the results packed back to back.
 
         x (1, channels, length) → (1, channels, Σ ceil(n_b / rate)·rate) and its :class:`PackedBags`
         (the zeros that pad each bag to a multiple of `rate` count as its tokens, as alone)."""
-        ks = [-(-n // rate) for n in self.sizes]
-        sizes = [k * rate for k in ks]
-        out = PackedBags(sizes, 1, x.device)
-        k = torch.tensor(ks, device=x.device)[out.bag]
-        j = out.local
+        ks, _, out = self._reordering(rate)
+        k, j = ks[out.bag], out.local
         src = (j % k) * rate + j // k  # reordered position o·k + i of a bag holds its token i·rate + o
         index = torch.where(src < self.lengths[out.bag], self._start[out.bag] + src, self.length)
         return F.pad(x, (0, 1)).index_select(-1, index), out
@@ -203,13 +215,10 @@ class PackedBags(PaddedBags):
     def stride_restore(self, y: torch.Tensor, rate: int) -> torch.Tensor:
         """Inverse of :meth:`stride_reorder`: (1, channels, reordered length) → (1, channels, length)
         (padding positions get a bag's first token)."""
-        ks = [-(-n // rate) for n in self.sizes]
-        starts = [0]
-        for k in ks[:-1]:
-            starts.append(starts[-1] + k * rate)
-        k = torch.tensor(ks, device=y.device)[self.bag]
+        ks, starts, _ = self._reordering(rate)
+        k = ks[self.bag]
         t = torch.where(self.valid[0], self.local, 0)
-        return y.index_select(-1, torch.tensor(starts, device=y.device)[self.bag] + (t % rate) * k + t // rate)
+        return y.index_select(-1, starts[self.bag] + (t % rate) * k + t // rate)
 
     # ---- per-bag reductions over the packed sequence, for the pooling heads
 
@@ -225,6 +234,13 @@ class PackedBags(PaddedBags):
         """values (length, …) → (bags, …), each bag's sum over its real tokens, accumulated in fp32 (or fp64)."""
         v = _wide(values).masked_fill(self._pad[0].reshape(-1, *[1] * (values.dim() - 1)), 0)
         return v.new_zeros(len(self.sizes), *values.shape[1:]).index_add(0, self.bag, v)
+
+    def segment_mix(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """weights (length,), 0 at padding, and values (length, d) → (bags, d): each bag's Σ weight·value, as
+        one product (a (bags, length) matrix holding each position's weight in its bag's row) in the values'
+        dtype, as attention pooling computes a padded batch."""
+        rows = weights.new_zeros(len(self.sizes), self.length).scatter(0, self.bag[None], weights[None])
+        return torch.mm(rows.to(values.dtype), values)
 
     def segment_max(self, values: torch.Tensor) -> torch.Tensor:
         """values (length, …) → (bags, …), each bag's max over its real tokens."""

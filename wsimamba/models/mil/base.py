@@ -118,7 +118,7 @@ class AttentionPool(nn.Module):
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if pack is not None:
             a = pack.segment_softmax(scores[0])
-            pooled = pack.segment_sum(a[:, None] * h[0].to(a.dtype)).to(h.dtype)
+            pooled = pack.segment_mix(a, h[0])
             return pooled, pack.unpack(a)
         if valid is not None:
             scores = scores.masked_fill(~valid, float("-inf"))
