@@ -220,11 +220,16 @@ class TrainLoopConfig(StrictModel):
     weight_decay: float = Field(1e-2, ge=0)
     scheduler: Literal["cosine", "none"] = "cosine"
     grad_clip: float | None = Field(None, gt=0)
-    accumulate: int = Field(1, ge=1, description="bags per optimiser step")
+    batch_size: int = Field(1, ge=1, description="bags per training step, packed into one sequence for models "
+                            "that take packed bags (the loss is the mean over them); validation and test bags run "
+                            "in batches of this size too")
+    accumulate: int = Field(1, ge=1, description="training steps (of batch_size bags) per optimiser step")
     cuda_graphs: Literal["auto"] | bool = Field(
         "auto", description="replay training steps from CUDA graphs of bucketed bag lengths: auto (on one GPU, "
-        "for models that take padded bags, accumulate 1, not deterministic), true (an error where that is not so) or false")
-    class_weights: Literal["none", "balanced"] = "none"
+        "for models that take padded bags, batch_size 1, accumulate 1, not deterministic), true (an error where "
+        "that is not so) or false")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: each bag's loss weighted by n / (classes · n_class) of its class")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     seed: int = 0
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(

@@ -1,4 +1,5 @@
-"""The LightningDataModule for MIL: one fold's train / val / test bags, one bag per batch.
+"""The LightningDataModule for MIL: one fold's train / val / test bags, one bag per batch, or with
+``batch_size`` > 1 lists of bags (:func:`collate_bags`) that the module packs into one sequence.
 
 On a CUDA device the bags can stay in GPU memory after their first read (``data.gpu_cache``): a
 bag's model step takes milliseconds, and reading it from disk or RAM and copying ~40 MB from
@@ -87,10 +88,21 @@ def decide_gpu_cache(mode: GpuCache, need: int, free: int, where: str = "cuda") 
     return True
 
 
+def collate_bags(items: list[dict]) -> dict:
+    """Bags of different lengths as one batch: features a list of (N_b, D) tensors, label (B,), index (B,)
+    (on the items' device: the device cache's labels and indices are already there)."""
+    return {
+        "features": [it["features"] for it in items],
+        "label": torch.stack([torch.as_tensor(it["label"]) for it in items]),
+        "index": torch.stack([torch.as_tensor(it["index"]) for it in items]),
+    }
+
+
 class MILDataModule(L.LightningDataModule):
     """Loaders over index lists of a :class:`BagDataset`. Bags differ in length, so a batch is one bag
-    (features (1, N, D)); ``train.accumulate`` gives larger effective batches. Training order is
-    shuffled from `seed`, so a fold repeats exactly.
+    (features (1, N, D)), or with ``batch_size`` > 1 a list of bags (:func:`collate_bags`; the module runs
+    them packed); ``train.accumulate`` gives larger effective batches. Training order is shuffled from
+    `seed`, so a fold repeats exactly.
 
     `gpu_cache` ("auto" | True | False): keep the fold's bags on the trainer's CUDA device after their
     first read (:class:`DeviceBagCache`), decided in :meth:`setup` by :func:`decide_gpu_cache` from
@@ -102,8 +114,11 @@ class MILDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: BagDataset, train: list[int], val: list[int], test: list[int],
                  workers: int = 0, seed: int = 0, gpu_cache: GpuCache = "auto",
-                 cache_device: torch.device | str | None = None):
+                 cache_device: torch.device | str | None = None, batch_size: int = 1):
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size: expected a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
         self.dataset, self.idx = dataset, {"train": train, "val": val, "test": test}
         self.workers, self.seed = workers, seed
         self.gpu_cache, self.cache_device = gpu_cache, cache_device
@@ -145,8 +160,9 @@ class MILDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
         workers = 0 if self.cache is not None else self.workers
-        return DataLoader(Subset(self.served, self.idx[part]), batch_size=1, shuffle=shuffle, generator=gen,
-                          num_workers=workers, persistent_workers=workers > 0)
+        return DataLoader(Subset(self.served, self.idx[part]), batch_size=self.batch_size, shuffle=shuffle,
+                          generator=gen, num_workers=workers, persistent_workers=workers > 0,
+                          collate_fn=collate_bags if self.batch_size > 1 else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

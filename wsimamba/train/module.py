@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import BinaryAUROC, MulticlassAUROC
 
@@ -19,21 +20,25 @@ class NonFiniteLossError(WsimambaError):
 class MILModule(L.LightningModule):
     """Holds the aggregator and the cross-entropy loss.
 
-    Batches are dicts from :class:`wsimamba.data.BagDataset` collated to features (B, N, D),
-    label (B,). Logs ``train_loss``, ``val_loss``, ``val_auc`` (torchmetrics, synced across devices)
+    Batches are dicts from :class:`wsimamba.data.BagDataset` collated to features (1, N, D), label (1,),
+    or (``train.batch_size`` > 1, :func:`wsimamba.train.datamodule.collate_bags`) features a list of
+    (N_b, D) bags, label (B,), run through the model's ``forward_bags`` (packed into one sequence where
+    the model takes packed bags). The training loss is the mean over a batch's bags of each bag's
+    cross-entropy, times its class weight when there are class weights (so B bags a step and
+    ``accumulate`` B train the same). Logs ``train_loss``, ``val_loss``, ``val_auc`` (torchmetrics, synced across devices)
     and ``val_select`` (val AUC, ties broken by lower loss: on small validation sets many epochs
     reach the same AUC, and the checkpoint should not be the first, least trained of them).
 
     ``cuda_graphs`` ("auto" | True | False): replay each training bag's forward and backward from a CUDA
     graph of its length bucket (:class:`wsimamba.train.graphs.BagGraphs`). "auto" does where it can
     (:func:`graphs_unavailable`: one CUDA device, a model that takes padded bags, no gradient
-    accumulation, not deterministic); True makes a ConfigError of what is missing.
+    accumulation, one bag a step, not deterministic); True makes a ConfigError of what is missing.
     """
 
     def __init__(self, model_name: str, in_dim: int, n_classes: int, model_kwargs: dict | None = None,
                  lr: float = 2e-4, weight_decay: float = 1e-2, scheduler: str = "cosine", max_epochs: int = 50,
                  class_weights: list[float] | None = None, max_instances: int | None = None,
-                 normalize: bool = True, cuda_graphs: bool | str = "auto"):
+                 normalize: bool = True, cuda_graphs: bool | str = "auto", batch_size: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model_name, in_dim, n_classes, **(model_kwargs or {}))
@@ -56,6 +61,25 @@ class MILModule(L.LightningModule):
             x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
         return self.model(x)
 
+    def forward_bags(self, bags: list[torch.Tensor]) -> MILOutput:
+        """bags: raw (N_b, in_dim) features → the model's ``forward_bags`` of the standardised bags:
+        MILOutput(logits (B, n_classes), attention (B, max N_b), 0 past each bag's end)."""
+        if self.hparams.normalize:
+            mean, std = self.feature_mean, self.feature_std
+            bags = [(b - mean.to(b.dtype)) / std.to(b.dtype) for b in bags]
+        return self.model.forward_bags(bags)
+
+    def _logits(self, x) -> torch.Tensor:
+        """Logits of a batch's features: one (1, N, D) bag, or a list of (N_b, D) bags."""
+        return (self.forward_bags(x) if isinstance(x, list) else self(x)).logits
+
+    def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean over the bags of each bag's cross-entropy × its class weight."""
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="none")
+        if self.loss_fn.weight is not None:
+            loss = loss * self.loss_fn.weight[y]
+        return loss.mean()
+
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
         n, cap = x.shape[1], self.hparams.max_instances
         if cap is None or n <= cap:
@@ -70,7 +94,8 @@ class MILModule(L.LightningModule):
         if mode is False:
             return None
         why = graphs_unavailable(self.device.type, self.trainer.world_size, self.model,
-                                 self.trainer.accumulate_grad_batches, torch.are_deterministic_algorithms_enabled())
+                                 self.trainer.accumulate_grad_batches, torch.are_deterministic_algorithms_enabled(),
+                                 self.hparams.get("batch_size", 1))
         if why is None:
             return BagGraphs(self.model, self.feature_mean, self.feature_std, self.hparams.normalize)
         if mode is True:
@@ -87,12 +112,16 @@ class MILModule(L.LightningModule):
         self._graphs = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x, y = self._subsample(batch["features"]), batch["label"]
-        graphs = getattr(self, "_graphs", None)
-        logits = graphs.logits(x) if graphs is not None else None
-        if logits is None:
-            logits = self(x).logits
-        loss = self.loss_fn(logits.float(), y)
+        x, y = batch["features"], batch["label"]
+        if isinstance(x, list):  # several bags, run packed
+            logits = self.forward_bags([self._subsample(b[None])[0] for b in x]).logits
+        else:
+            x = self._subsample(x)
+            graphs = getattr(self, "_graphs", None)
+            logits = graphs.logits(x) if graphs is not None else None
+            if logits is None:
+                logits = self(x).logits
+        loss = self._train_loss(logits, y)
         value = loss.detach().float()
         self._watch_loss(value)
         # summed on the device and logged once at the epoch's end: `self.log` every step cost ~1.9 ms of host
@@ -159,7 +188,7 @@ class MILModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._check_loss()
         if getattr(self, "_loss_steps", 0):
-            # the mean over the epoch's bags (one bag a step), averaged over ranks
+            # the mean over the epoch's steps (of each step's mean over its bags), averaged over ranks
             self.log("train_loss", self._loss_sum / self._loss_steps, sync_dist=True)
 
     def on_train_end(self) -> None:
@@ -170,9 +199,9 @@ class MILModule(L.LightningModule):
         return p[:, 1] if self.hparams.n_classes == 2 else p
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x, y = batch["features"], batch["label"]
-        logits = self(x).logits.float()
-        loss = self.loss_fn(logits, y)
+        y = batch["label"]
+        logits = self._logits(batch["features"]).float()
+        loss = F.cross_entropy(logits, y)  # the bags' plain mean: validation loss is not class-weighted
         self.val_auc.update(self._probs(logits), y)
         self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
 
@@ -186,7 +215,8 @@ class MILModule(L.LightningModule):
             self.log("val_select", auc - 1e-4 * loss.to(auc), sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        out = self(batch["features"])
+        x = batch["features"]
+        out = self.forward_bags(x) if isinstance(x, list) else self(x)
         return {"index": batch["index"], "probs": torch.softmax(out.logits.float(), -1), "attention": out.attention}
 
     def configure_optimizers(self):
@@ -203,7 +233,7 @@ class MILModule(L.LightningModule):
 
 
 def graphs_unavailable(device_type: str, world_size: int, model: nn.Module, accumulate: int,
-                       deterministic: bool) -> str | None:
+                       deterministic: bool, batch_size: int = 1) -> str | None:
     """Why training steps cannot run from CUDA graphs here (a clause for an error message), or None."""
     if device_type != "cuda":
         return f"the model trains on {device_type}, not a CUDA device"
@@ -211,6 +241,8 @@ def graphs_unavailable(device_type: str, world_size: int, model: nn.Module, accu
         return f"training runs on {world_size} devices (graphs run on one)"
     if not getattr(model, "takes_lengths", False):
         return f"model {type(model).__name__} does not take padded bags"
+    if batch_size > 1:
+        return "train.batch_size > 1 (packed batches of bags run eagerly)"
     if accumulate > 1:
         return "train.accumulate > 1 (the graphed backward's gradient buffers would be overwritten)"
     if deterministic:

@@ -173,8 +173,9 @@ def _quiet_lightning():
 
 @torch.no_grad()
 def predict_bags(model: torch.nn.Module, dataset: BagDataset, indices: list[int], device: torch.device,
-                 precision: str = "32-true") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities (n, C) and per-patch attention (list of (N_i,)) for `indices`, one bag at a time.
+                 precision: str = "32-true", batch_size: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities (n, C) and per-patch attention (list of (N_i,)) for `indices`, one bag at a time,
+    or `batch_size` bags at a time through ``model.forward_bags`` (packed where the model takes it).
 
     `model` maps raw features (1, N, D) to a MILOutput (a MILModule, which standardises them first).
 
@@ -184,12 +185,14 @@ def predict_bags(model: torch.nn.Module, dataset: BagDataset, indices: list[int]
     model.eval().to(device)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16}.get(precision)
     probs, attn = [], []
-    for i in indices:
-        x = dataset[i]["features"][None].to(device)
+    for at in range(0, len(indices), batch_size):
+        bags = [dataset[i]["features"].to(device) for i in indices[at:at + batch_size]]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(x)
-        probs.append(torch.softmax(out.logits.float(), -1)[0].cpu().numpy())
-        attn.append(out.attention.float()[0].cpu().numpy())
+            out = model(bags[0][None]) if batch_size == 1 else model.forward_bags(bags)
+        p, a = torch.softmax(out.logits.float(), -1).cpu().numpy(), out.attention.float().cpu().numpy()
+        for row, bag in enumerate(bags):
+            probs.append(p[row])
+            attn.append(a[row, : bag.shape[0]])
     return np.stack(probs), attn
 
 
@@ -224,11 +227,11 @@ def _train_fold(cfg: TrainConfig, cohort: Cohort, dataset: BagDataset, fold: Fol
     module = MILModule(cfg.model.name, dataset.in_dim, n_classes, cfg.model.kwargs(), lr=t.lr,
                        weight_decay=t.weight_decay, scheduler=t.scheduler, max_epochs=t.max_epochs,
                        class_weights=weights, max_instances=cfg.data.max_instances, normalize=cfg.data.normalize,
-                       cuda_graphs=t.cuda_graphs)
+                       cuda_graphs=t.cuda_graphs, batch_size=t.batch_size)
     if cfg.data.normalize:
         module.set_feature_stats(*feature_stats(dataset[i]["features"] for i in fold.train))
     dm = MILDataModule(dataset, fold.train, fold.val, fold.test, workers=cfg.data.workers, seed=t.seed + fold.index,
-                       gpu_cache=cfg.data.gpu_cache)
+                       gpu_cache=cfg.data.gpu_cache, batch_size=t.batch_size)
     es = t.early_stopping
     monitor, mode = ("val_select", "max") if es.monitor == "val_auc" else ("val_loss", "min")
     callbacks = []
@@ -266,7 +269,7 @@ def _train_fold(cfg: TrainConfig, cohort: Cohort, dataset: BagDataset, fold: Fol
     state = torch.load(best, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     device = trainer.strategy.root_device  # the fit may have moved the model back to the CPU
-    probs, _ = predict_bags(module, dataset, fold.test, device, precision)
+    probs, _ = predict_bags(module, dataset, fold.test, device, precision, t.batch_size)
     y = table.labels[fold.test]
     write_text_atomic(fold_dir / "predictions.csv", _predictions_csv(table, fold.test, probs))
     best_epoch = int(state.get("epoch", trainer.current_epoch))
