@@ -63,7 +63,10 @@ class BagGraphs:
     ``logits(x)`` with x (1, n, in_dim) raw features on the model's CUDA device returns the bag's logits
     (1, n_classes), connected to the model's parameters, from a graph replay; or None when this bag runs
     eagerly (its bucket not seen before, too long, or the graph budget spent). Call it inside the
-    training step, in the autocast context the step runs in: the graphs record that precision.
+    training step, in the autocast context the step runs in: the graphs record that precision. Nothing may
+    hold an earlier step's autograd graph (its logits or loss) when a bag is captured: that graph keeps the
+    parameters' gradient accumulators made on the default stream, and the backward's capture then fails
+    (``MILModule`` keeps none; benchmarks/packed.py once did, in a loop over bags).
     """
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, normalize: bool = True,
