@@ -98,3 +98,23 @@ def test_cli_batch_size_trains_as_accumulate(bag_cohort, tmp_path, one_thread):
         assert max(abs(a - b) for a, b in zip(probs["packed"][k], probs["accumulated"][k])) < 1e-5
     for k in set(range(2)) - set(whole):
         assert max(abs(a - b) for a, b in zip(probs["packed"][k], probs["accumulated"][k])) < 0.05
+
+
+def test_a_run_written_before_batch_size_existed_resumes(bag_cohort, tmp_path, one_thread, capsys):
+    """A run folder whose config.yaml has no train.batch_size trained one bag a step: it resumes as such,
+    and another batch size is a changed config."""
+    import yaml
+
+    _, feats, labels = bag_cohort
+    args = train_args(feats, labels, tmp_path, "old", "train.folds=2", "train.max_epochs=1")
+    assert main([str(a) for a in args]) == 0
+    saved = tmp_path / "old" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    assert cfg["train"].pop("batch_size") == 1
+    saved.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "old" / "fold_1" / "metrics.json").unlink()
+    assert main([str(a) for a in args]) == 0
+    assert (tmp_path / "old" / "fold_1" / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main([str(a) for a in [*args[:-1], "train.batch_size=2", "--no-progress"]]) == 1
+    assert "train.batch_size: 1 → 2" in capsys.readouterr().err

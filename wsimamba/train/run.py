@@ -46,6 +46,8 @@ from wsimamba.atomic import write_text_atomic
 _NON_RESULT_KEYS = {("data", "preload"), ("data", "workers"), ("data", "skip_missing"), ("data", "gpu_cache"),
                     ("model", "impl"), ("train", "cuda_graphs"), ("train", "devices"), ("train", "accelerator"), ("train", "strategy"),
                     ("train", "num_nodes"), ("out",)}
+# Keys added after run folders were written, with the value that computes what those runs computed.
+_ADDED_KEYS = {("train", "batch_size"): 1}
 
 
 @dataclass
@@ -128,6 +130,9 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     if saved.is_file():
         old = yaml.safe_load(saved.read_text()) or {}
         old.setdefault("task", "mil")  # run folders written before the task switch existed
+        for (section, key), value in _ADDED_KEYS.items():
+            if isinstance(old.get(section), dict):
+                old[section].setdefault(key, value)
         changes = _diff(old, cfg.model_dump(mode="json"))
         if changes:
             raise ConfigError(
