@@ -131,9 +131,6 @@ def run_model(name: str, bags: list[torch.Tensor], labels: torch.Tensor, args, d
     for part in ("train", "predict"):
         base = out[part]["one-by-one"]
         out[part + "_ratio_to_one_by_one"] = {k: round(v / base, 3) for k, v in out[part].items() if v is not None}
-    del model, opt
-    if dev == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -164,6 +161,8 @@ def main(argv=None) -> dict:
            "precision": "bf16-autocast" if dev == "cuda" else "fp32", "models": {}}
     for name in (m for m in args.models.split(",") if m):
         out["models"][name] = run_model(name, bags, labels, args, dev)
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the model and its optimiser went with run_model's return
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

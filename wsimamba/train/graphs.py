@@ -64,9 +64,10 @@ class BagGraphs:
     (1, n_classes), connected to the model's parameters, from a graph replay; or None when this bag runs
     eagerly (its bucket not seen before, too long, or the graph budget spent). Call it inside the
     training step, in the autocast context the step runs in: the graphs record that precision. Nothing may
-    hold an earlier step's autograd graph (its logits or loss) when a bag is captured: that graph keeps the
-    parameters' gradient accumulators made on the default stream, and the backward's capture then fails
-    (``MILModule`` keeps none; benchmarks/packed.py once did, in a loop over bags).
+    hold an earlier step's autograd graph (its logits or loss) when a bag is captured: with one alive, the
+    backward's capture failed with a stream-capture error, presumably because that graph keeps the
+    parameters' gradient-accumulator nodes of an eager step, made on the default stream (``MILModule``
+    keeps none; benchmarks/packed.py did, in a loop over bags, until each bag's step became a function).
     """
 
     def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor, normalize: bool = True,
