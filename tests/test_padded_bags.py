@@ -96,6 +96,23 @@ def test_without_the_padding_masks_the_padding_leaks(seed):
     assert not torch.allclose(flip(x)[0, :5], lone)  # whole rows flipped: the padding comes first in layer 2
 
 
+def _matches_bags_alone(model, out, bags):
+    """`out` (a batch's MILOutput): each bag's logits and attention (0 past its end), and the gradients of the
+    summed logits, as when each bag runs alone."""
+    out.logits.sum().backward()
+    batch_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    for i, bag in enumerate(bags):
+        alone = model(bag[None])
+        _close(out.logits[i].detach(), alone.logits[0].detach(), f"bag {i} logits")
+        _close(out.attention[i, : len(bag)].detach(), alone.attention[0].detach(), f"bag {i} attention")
+        assert (out.attention[i, len(bag):] == 0).all()
+        alone.logits.sum().backward()
+    alone_grads = _grads(model)
+    for key in alone_grads:
+        _close(batch_grads[key], alone_grads[key], key)
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("lbmambamil", {"window": 4}), ("mambamil", {"rate": 4}), ("bimambamil", {}),
     ("abmil", {}), ("meanpool", {}), ("maxpool", {}),
@@ -109,18 +126,7 @@ def test_mil_models_give_each_padded_bag_its_own_logits_and_gradients(name, kwar
     bags, x = _bags(seed, lengths, 8, 19)
     out = model(x.double(), torch.tensor(lengths))
     assert out.logits.shape == (3, 3) and out.attention.shape == (3, 19)
-    out.logits.sum().backward()
-    padded_grads = _grads(model)
-    model.zero_grad(set_to_none=True)
-    for i, bag in enumerate(bags):
-        alone = model(bag.double()[None])
-        _close(out.logits[i].detach(), alone.logits[0].detach(), f"bag {i} logits")
-        _close(out.attention[i, : lengths[i]].detach(), alone.attention[0].detach(), f"bag {i} attention")
-        assert (out.attention[i, lengths[i]:] == 0).all()
-        alone.logits.sum().backward()
-    alone_grads = _grads(model)
-    for key in alone_grads:
-        _close(padded_grads[key], alone_grads[key], key)
+    _matches_bags_alone(model, out, [b.double() for b in bags])
 
 
 def test_lengths_are_checked_and_models_without_padding_refuse_them():
@@ -226,18 +232,7 @@ def test_mil_models_give_each_packed_bag_its_own_logits_and_gradients(name, kwar
     bags = [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in lengths]
     out = model.forward_bags(bags)
     assert out.logits.shape == (6, 3) and out.attention.shape == (6, 300)
-    out.logits.sum().backward()
-    packed_grads = _grads(model)
-    model.zero_grad(set_to_none=True)
-    for i, bag in enumerate(bags):
-        alone = model(bag[None])
-        _close(out.logits[i].detach(), alone.logits[0].detach(), f"bag {i} logits")
-        _close(out.attention[i, : lengths[i]].detach(), alone.attention[0].detach(), f"bag {i} attention")
-        assert (out.attention[i, lengths[i]:] == 0).all()
-        alone.logits.sum().backward()
-    alone_grads = _grads(model)
-    for key in alone_grads:
-        _close(packed_grads[key], alone_grads[key], key)
+    _matches_bags_alone(model, out, bags)
 
 
 def test_lbmamba_packs_by_window_class_and_models_without_packing_run_bags_one_by_one():
