@@ -72,8 +72,9 @@ class MILModel(nn.Module, abc.ABC):
         return [(list(range(len(sizes))), 1)]
 
     def _forward_packed(self, x: torch.Tensor, pack: PackedBags) -> MILOutput:
-        """x (1, length, in_dim) packed bags → MILOutput(logits (bags, n_classes), attention (bags, longest))."""
-        raise NotImplementedError(f"{type(self).__name__} does not take packed bags")
+        """x (1, length, in_dim) packed bags → MILOutput(logits (bags, n_classes), attention (bags, longest)).
+        Models that set ``takes_packs`` define it; forward_bags calls it only for them."""
+        raise WsimambaError(f"{type(self).__name__}: takes_packs is set but _forward_packed is not defined")
 
     def _check_input(self, x: torch.Tensor, in_dim: int, lengths: torch.Tensor | None = None) -> None:
         if x.dim() != 3 or x.shape[-1] != in_dim or x.shape[1] < 1:
