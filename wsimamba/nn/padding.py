@@ -46,6 +46,16 @@ def valid_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=lengths.device) < lengths.to(torch.long).reshape(-1, 1)
 
 
+def _reordered_source(j: torch.Tensor, k: torch.Tensor, rate: int) -> torch.Tensor:
+    """The token that reordered position j of a bag with k columns holds: position o·k + i holds i·rate + o."""
+    return (j % k) * rate + j // k
+
+
+def _reordered_position(t: torch.Tensor, k: torch.Tensor, rate: int) -> torch.Tensor:
+    """Where a bag's token t sits in its reordered sequence (k columns): the inverse of _reordered_source."""
+    return (t % rate) * k + t // rate
+
+
 class PaddedBags:
     """Bags padded at the end: bag b's first ``lengths[b]`` of ``length`` tokens are real.
 
@@ -94,7 +104,7 @@ class PaddedBags:
         k = (n + rate - 1) // rate  # (batch, 1): columns of each bag's reshape
         total = -(-self.length // rate) * rate
         j = torch.arange(total, device=n.device)
-        src = (j % k) * rate + j // k  # reordered position o·k + i holds token i·rate + o
+        src = _reordered_source(j, k, rate)
         index = torch.where((j < k * rate) & (src < n), src, self.length)  # self.length: a zero column
         return self._take(F.pad(x, (0, 1)), index, -1), PaddedBags(k[:, 0] * rate, total)
 
@@ -103,7 +113,7 @@ class PaddedBags:
         n = self.lengths[:, None]
         k = (n + rate - 1) // rate
         t = torch.arange(self.length, device=n.device)
-        return self._take(y, torch.where(t < n, (t % rate) * k + t // rate, 0), -1)
+        return self._take(y, torch.where(t < n, _reordered_position(t, k, rate), 0), -1)
 
 
 def _device_ints(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
@@ -207,8 +217,7 @@ class PackedBags(PaddedBags):
         x (1, channels, length) → (1, channels, Σ ceil(n_b / rate)·rate) and its :class:`PackedBags`
         (the zeros that pad each bag to a multiple of `rate` count as its tokens, as alone)."""
         ks, _, out = self._reordering(rate)
-        k, j = ks[out.bag], out.local
-        src = (j % k) * rate + j // k  # reordered position o·k + i of a bag holds its token i·rate + o
+        src = _reordered_source(out.local, ks[out.bag], rate)
         index = torch.where(src < self.lengths[out.bag], self._start[out.bag] + src, self.length)
         return F.pad(x, (0, 1)).index_select(-1, index), out
 
@@ -216,11 +225,14 @@ class PackedBags(PaddedBags):
         """Inverse of :meth:`stride_reorder`: (1, channels, reordered length) → (1, channels, length)
         (padding positions get a bag's first token)."""
         ks, starts, _ = self._reordering(rate)
-        k = ks[self.bag]
         t = torch.where(self.valid[0], self.local, 0)
-        return y.index_select(-1, starts[self.bag] + (t % rate) * k + t // rate)
+        return y.index_select(-1, starts[self.bag] + _reordered_position(t, ks[self.bag], rate))
 
     # ---- per-bag reductions over the packed sequence, for the pooling heads
+
+    def _pad_along(self, values: torch.Tensor) -> torch.Tensor:
+        """The padding mask (length,) shaped to broadcast over values (length, …)."""
+        return self._pad[0].reshape(-1, *[1] * (values.dim() - 1))
 
     def segment_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (length,) → each bag's softmax over its real tokens (0 at padding), fp32 (or fp64)."""
@@ -232,7 +244,7 @@ class PackedBags(PaddedBags):
 
     def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
         """values (length, …) → (bags, …), each bag's sum over its real tokens, accumulated in fp32 (or fp64)."""
-        v = _wide(values).masked_fill(self._pad[0].reshape(-1, *[1] * (values.dim() - 1)), 0)
+        v = _wide(values).masked_fill(self._pad_along(values), 0)
         return v.new_zeros(len(self.sizes), *values.shape[1:]).index_add(0, self.bag, v)
 
     def segment_mix(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -244,7 +256,7 @@ class PackedBags(PaddedBags):
 
     def segment_max(self, values: torch.Tensor) -> torch.Tensor:
         """values (length, …) → (bags, …), each bag's max over its real tokens."""
-        v = values.masked_fill(self._pad[0].reshape(-1, *[1] * (values.dim() - 1)), float("-inf"))
+        v = values.masked_fill(self._pad_along(values), float("-inf"))
         out = v.new_full((len(self.sizes), *values.shape[1:]), float("-inf"))
         index = self.bag.reshape(-1, *[1] * (values.dim() - 1)).expand_as(v)
         return out.scatter_reduce(0, index, v, "amax")

@@ -55,23 +55,23 @@ class MILModule(L.LightningModule):
         self.feature_mean.copy_(mean.float())
         self.feature_std.copy_(std.float().clamp_min(1e-6))
 
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.hparams.normalize:
+            return x
+        return (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> MILOutput:
         """x (B, N, in_dim) raw features → MILOutput(logits (B, n_classes), attention (B, N))."""
-        if self.hparams.normalize:
-            x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
-        return self.model(x)
+        return self.model(self._standardise(x))
 
     def forward_bags(self, bags: list[torch.Tensor]) -> MILOutput:
         """bags: raw (N_b, in_dim) features → the model's ``forward_bags`` of the standardised bags:
         MILOutput(logits (B, n_classes), attention (B, max N_b), 0 past each bag's end)."""
-        if self.hparams.normalize:
-            mean, std = self.feature_mean, self.feature_std
-            bags = [(b - mean.to(b.dtype)) / std.to(b.dtype) for b in bags]
-        return self.model.forward_bags(bags)
+        return self.model.forward_bags([self._standardise(b) for b in bags])
 
-    def _logits(self, x) -> torch.Tensor:
-        """Logits of a batch's features: one (1, N, D) bag, or a list of (N_b, D) bags."""
-        return (self.forward_bags(x) if isinstance(x, list) else self(x)).logits
+    def _output(self, x) -> MILOutput:
+        """A batch's features: one (1, N, D) bag, or a list of (N_b, D) bags (through forward_bags)."""
+        return self.forward_bags(x) if isinstance(x, list) else self(x)
 
     def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over the bags of each bag's cross-entropy × its class weight."""
@@ -200,7 +200,7 @@ class MILModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         y = batch["label"]
-        logits = self._logits(batch["features"]).float()
+        logits = self._output(batch["features"]).logits.float()
         loss = F.cross_entropy(logits, y)  # the bags' plain mean: validation loss is not class-weighted
         self.val_auc.update(self._probs(logits), y)
         self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=y.shape[0], sync_dist=True)
@@ -215,8 +215,7 @@ class MILModule(L.LightningModule):
             self.log("val_select", auc - 1e-4 * loss.to(auc), sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        x = batch["features"]
-        out = self.forward_bags(x) if isinstance(x, list) else self(x)
+        out = self._output(batch["features"])
         return {"index": batch["index"], "probs": torch.softmax(out.logits.float(), -1), "attention": out.attention}
 
     def configure_optimizers(self):
