@@ -45,6 +45,32 @@ def _close(a, b, what, tol=1e-5):
     assert err < tol, f"{what}: relative error {err:.2e}"
 
 
+def _block_matches_bags_alone(block, x, out, bags, places, seed):
+    """out = block(x, pad=…), bag i's tokens at x[row, start : start + len] for places[i] = (row, start): each
+    bag's output, its input gradient (0 at every other position) and every parameter gradient, under random
+    output weights, as when the bag runs alone."""
+    g = torch.Generator().manual_seed(seed + 1)
+    r = [torch.randn(len(bag), x.shape[-1], generator=g, dtype=torch.float64) for bag in bags]
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    sum((out[row, s:s + len(bag)] * r[i]).sum() for i, (bag, (row, s)) in enumerate(zip(bags, places))).backward()
+    batch_grads = _grads(block)
+    block.zero_grad(set_to_none=True)
+    real = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for bag, (row, s) in zip(bags, places):
+        real[row, s:s + len(bag)] = True
+    assert (x.grad[~real] == 0).all(), "the padding got a gradient"
+    for i, (bag, (row, s)) in enumerate(zip(bags, places)):
+        xi = bag[None].requires_grad_(True)
+        alone = block(xi)
+        _close(out[row, s:s + len(bag)].detach(), alone[0].detach(), f"bag {i} output")
+        (alone[0] * r[i]).sum().backward()
+        _close(x.grad[row, s:s + len(bag)], xi.grad[0], f"bag {i} input gradient")
+    alone_grads = _grads(block)
+    assert batch_grads.keys() == alone_grads.keys() and len(alone_grads) > 5
+    for key in alone_grads:
+        _close(batch_grads[key], alone_grads[key], key)
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_a_padded_batch_matches_its_bags_run_alone(name, impl, seed):
@@ -55,28 +81,8 @@ def test_a_padded_batch_matches_its_bags_run_alone(name, impl, seed):
     lengths = [13, 5, 21, 1]
     bags, x = _bags(seed, lengths, 12, 21)
     x = x.double().requires_grad_(True)
-    g = torch.Generator().manual_seed(seed + 1)
-    r = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in lengths]
-
     out = block(x, pad=wnn.PaddedBags(torch.tensor(lengths), 21))
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    sum((out[i, :n] * r[i]).sum() for i, n in enumerate(lengths)).backward()
-    padded_grads = _grads(block)
-    block.zero_grad(set_to_none=True)
-
-    total = 0
-    for i, bag in enumerate(bags):
-        xi = bag.double()[None].requires_grad_(True)
-        alone = block(xi)
-        _close(out[i, : lengths[i]].detach(), alone[0].detach(), f"bag {i} output")
-        total = total + (alone[0] * r[i]).sum()
-        (alone[0] * r[i]).sum().backward()
-        _close(x.grad[i, : lengths[i]], xi.grad[0], f"bag {i} input gradient")
-        assert (x.grad[i, lengths[i]:] == 0).all(), f"bag {i}: the padding got a gradient"
-    alone_grads = _grads(block)
-    assert padded_grads.keys() == alone_grads.keys() and len(alone_grads) > 5
-    for key in alone_grads:
-        _close(padded_grads[key], alone_grads[key], key)
+    _block_matches_bags_alone(block, x, out, [b.double() for b in bags], [(i, 0) for i in range(len(bags))], seed)
 
 
 def test_without_the_padding_masks_the_padding_leaks(seed):
@@ -184,25 +190,8 @@ def test_packed_bags_match_their_bags_run_alone(name, impl, seed):
     bags, x, pack = _packed(seed, lengths, 12, 4)
     assert pack.starts == [0, 16, 24, 48, 52] and x.shape[1] == 60
     x.requires_grad_(True)
-    g = torch.Generator().manual_seed(seed + 1)
-    r = [torch.randn(n, 12, generator=g, dtype=torch.float64) for n in lengths]
-
     out = block(x, pad=pack)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    sum((out[0, s:s + n] * r[i]).sum() for i, (s, n) in enumerate(zip(pack.starts, lengths))).backward()
-    packed_grads = _grads(block)
-    block.zero_grad(set_to_none=True)
-    assert (x.grad[0][~pack.valid[0]] == 0).all(), "the padding got a gradient"
-    for i, (bag, s) in enumerate(zip(bags, pack.starts)):
-        xi = bag[None].requires_grad_(True)
-        alone = block(xi)
-        _close(out[0, s:s + len(bag)].detach(), alone[0].detach(), f"bag {i} output")
-        (alone[0] * r[i]).sum().backward()
-        _close(x.grad[0, s:s + len(bag)], xi.grad[0], f"bag {i} input gradient")
-    alone_grads = _grads(block)
-    assert packed_grads.keys() == alone_grads.keys() and len(alone_grads) > 5
-    for key in alone_grads:
-        _close(packed_grads[key], alone_grads[key], key)
+    _block_matches_bags_alone(block, x, out, bags, [(0, s) for s in pack.starts], seed)
 
 
 def test_without_the_slot_ids_packed_bags_leak(seed):
