@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,3 +68,13 @@ def forward_and_train_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.
     model.train()
     train = time_calls(train_step, repeats, cuda)
     return fwd, train
+
+
+def report(result: dict, path: Path | None = None, **dumps) -> dict:
+    """Print a benchmark's result as indented JSON, also write it to `path` when given; returns the result.
+    `dumps`: extra ``json.dumps`` arguments (e.g. ``default=float``)."""
+    text = json.dumps(result, indent=2, **dumps)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+    return result

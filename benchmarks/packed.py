@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _device import device_name  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, report  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -163,11 +162,7 @@ def main(argv=None) -> dict:
         out["models"][name] = run_model(name, bags, labels, args, dev)
         if dev == "cuda":
             torch.cuda.empty_cache()  # the model and its optimiser went with run_model's return
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

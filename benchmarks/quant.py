@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _device import device_name  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, report  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -136,11 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu: no CUDA device here")
         result["speed"] = speed(args)
-    text = json.dumps(result, indent=2, default=float)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return result
+    return report(result, args.json, default=float)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _device import device_name, forward_and_train_seconds  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, forward_and_train_seconds, report  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -158,11 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": "plain conv UNet (32/64/128/256, BatchNorm, transposed-conv upsampling), random init, same process",
         "results": results,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from _device import device_name  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, report  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -345,11 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.layers, args.epoch_layers = (",".join(k for k in v.split(",") if not _kind(k)[1])
                                               for v in (args.layers, args.epoch_layers))
         out = gpu_suite(args)
-        text = json.dumps(out, indent=2)
-        print(text)
-        if args.json:
-            args.json.write_text(text + "\n")
-        return out
+        return report(out, args.json)
 
     import lightning as L
 
@@ -414,11 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bags": args.bags, "instances": n, "in_dim": args.in_dim, "d_model": args.d_model, "d_state": args.d_state,
         "results": results,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":

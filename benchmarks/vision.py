@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _device import device_name, forward_and_train_seconds  # benchmarks/ is on sys.path when a script here runs
+from _device import device_name, forward_and_train_seconds, report  # benchmarks/ is on sys.path when a script here runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -111,11 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats, "baseline": f"{BASELINE} (timm vit_tiny_patch16_224, random init)",
         "results": results,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return out
+    return report(out, args.json)
 
 
 if __name__ == "__main__":
