@@ -37,6 +37,15 @@ How the kernels work:
   different addresses; with length tiles fastest they all hammered the same few.
 - Offsets along batch and channels are int64 (a (8, 2·2048, 200k) buffer has 6.6e9 elements); along
   the length int32.
+- `reorder=r` (SRMamba's second branch): the conv of `stride_reorder(x, r)`, whose phase o holds x[o],
+  x[o + r], …, read from x in place. A program owns the steps k0 … k0 + TK of every phase: a (BLOCK_D, TK,
+  RP) tile (RP the power of two ≥ r, the columns past r masked) whose original positions k·r + o are one
+  contiguous run of x and whose reordered indices o·K + k are r contiguous runs of out, so both sides are
+  read and written whole; the taps are picks along the tile's rows. Only a phase's first width − 1 steps
+  take taps from the previous phase's tail (and in the backward its last width − 1 feed the next phase's
+  head): the tiles holding those gather at reordered indices, in the backward as a second launch, so that
+  the common tiles compile without those registers. (Tiles of consecutive original positions instead, as
+  the plain conv reads them, scattered each thread's 8 outputs over 8 phases: slower than a reordered copy.)
 
 Measured (benchmarks/conv1d.py, H200, bf16, dim 1024, width 4, batch 1, L 200k, 2026-11-27): forward
 0.42 ms, forward + backward 1.17 ms, against 2.58 and 7.19 ms for F.conv1d + F.silu (cuDNN) in the
@@ -57,6 +66,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = ("silu", None)
+# The largest reordering rate the kernels take (a tile spans next_power_of_2(rate) phases).
+MAX_REORDER_RATE = 256
 
 # Tests set this to fill outputs and dx with NaN before each launch, so unwritten elements show.
 POISON_OUTPUTS = False
@@ -216,6 +227,197 @@ def _conv1d_bwd_kernel(
         tl.store(dx_ptr + dx_rows[:, None] + offs_t[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _shift_rows(tile, shift: tl.constexpr):
+    """tile[:, k + shift, :] at row k of a (BLOCK_D, TK, RP) tile (clamped into the tile; rows whose pick was
+    clamped are never used)."""
+    if shift == 0:
+        return tile
+    src = tl.minimum(tl.maximum(tl.arange(0, tile.shape[1]) + shift, 0), tile.shape[1] - 1)
+    return tl.gather(tile, tl.broadcast_to(src[None, :, None], tile.shape), axis=1)
+
+
+@triton.jit
+def _gather_reordered(x_ptr, rows, mask_d, q, K, L, P, RATE: tl.constexpr):
+    """x at reordered indices q (a (TK, RP) tile of them), fp32: 0 where q is outside [0, P) or its original
+    position is the reordering's padding (≥ L). For the tiles whose taps cross a phase border."""
+    ok = (q >= 0) & (q < P)
+    qc = tl.minimum(tl.maximum(q, 0), P - 1)
+    src = (qc % K) * RATE + qc // K
+    ok = ok & (src < L)
+    return tl.load(x_ptr + rows[:, None, None] + src[None, :, :], mask=mask_d[:, None, None] & ok[None, :, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _phase_tile(pid_k, OWN: tl.constexpr, HALO: tl.constexpr, K, L, RATE: tl.constexpr, RP: tl.constexpr,
+                TK: tl.constexpr):
+    """Rows k (phase steps, from HALO before the program's own) × columns o (phases, RP ≥ RATE): the step
+    index, the original position k·RATE + o, the reordered index o·K + k, and where x is real there."""
+    k0 = pid_k * OWN
+    kk = k0 - HALO + tl.arange(0, TK)
+    oo = tl.arange(0, RP)
+    orig = kk[:, None] * RATE + oo[None, :]
+    q = oo[None, :] * K + kk[:, None]
+    real = (kk >= 0)[:, None] & (oo < RATE)[None, :] & (orig < L)
+    return k0, kk, oo, orig, q, real
+
+
+@triton.jit
+def _conv1d_reorder_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    DIM, L, K, P, s_xb, s_xd, s_ob, s_od,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
+    BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
+):
+    """The conv over the reordered sequence, read from x in its own order. A program owns BLOCK_D channels
+    and TK − HALO steps k of every phase o, a (BLOCK_D, TK, RP) tile whose original positions k·RATE + o
+    are one contiguous run of x (read once, HALO steps before its own) and whose reordered indices o·K + k
+    are RATE contiguous runs of out. Tap i of (k, o) is (k − (WIDTH − 1 − i), o), a pick along the rows;
+    in the first tile the taps of a phase's first WIDTH − 1 steps reach into the previous phase's tail and
+    are gathered at their reordered indices instead (`_gather_reordered`)."""
+    OWN: tl.constexpr = TK - HALO
+    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
+    k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    x_rows = _rows(b, offs_d, s_xb, s_xd)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+    if k0 < WIDTH - 1:
+        for i in tl.static_range(WIDTH):
+            w_i = tl.load(w_ptr + offs_d * WIDTH + i, mask=mask_d, other=0.0).to(tl.float32)
+            acc += w_i[:, None, None] * _gather_reordered(x_ptr, x_rows, mask_d, q - (WIDTH - 1 - i), K, L, P, RATE)
+    else:
+        xt = tl.load(x_ptr + x_rows[:, None, None] + orig[None, :, :], mask=mask_d[:, None, None] & real[None, :, :],
+                     other=0.0).to(tl.float32)
+        for i in tl.static_range(WIDTH):
+            w_i = tl.load(w_ptr + offs_d * WIDTH + i, mask=mask_d, other=0.0).to(tl.float32)
+            acc += w_i[:, None, None] * _shift_rows(xt, i - (WIDTH - 1))
+    if ACT:
+        acc = acc * tl.sigmoid(acc)
+    own = ((kk >= k0) & (kk < K))[:, None] & (oo < RATE)[None, :]
+    out_rows = _rows(b, offs_d, s_ob, s_od)
+    tl.store(out_ptr + out_rows[:, None, None] + q[None, :, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_d[:, None, None] & own[None, :, :])
+
+
+@triton.jit
+def _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, taps, dp, own, WIDTH: tl.constexpr, NEED_DW: tl.constexpr,
+                  NEED_DBIAS: tl.constexpr, FROM_TILE: tl.constexpr):
+    """dweight[i] += Σ_own taps[i]·dp and dbias += Σ_own dp over a (BLOCK_D, TK, RP) tile, one relaxed atomic
+    per (channel, tap). `taps` is the tuple of the WIDTH taps, or with FROM_TILE the x tile itself, whose
+    taps are then picked again here (`_shift_rows`) rather than kept alive in registers since p was made."""
+    dp_own = tl.where(own[None, :, :], dp, 0.0)
+    if NEED_DW:
+        for i in tl.static_range(WIDTH):
+            if FROM_TILE:
+                tap = _shift_rows(taps, i - (WIDTH - 1))
+            else:
+                tap = taps[i]
+            tl.atomic_add(dw_ptr + offs_d * WIDTH + i, tl.sum(tl.sum(tap * dp_own, axis=2), axis=1), mask=mask_d,
+                          sem="relaxed")
+    if NEED_DBIAS:
+        tl.atomic_add(dbias_ptr + offs_d, tl.sum(tl.sum(dp_own, axis=2), axis=1), mask=mask_d, sem="relaxed")
+
+
+@triton.jit
+def _silu_grad(dout, p):
+    """dout · silu'(p)."""
+    sig = tl.sigmoid(p)
+    return dout * (sig * (1.0 + p * (1.0 - sig)))
+
+
+@triton.jit
+def _conv1d_reorder_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    DIM, L, K, P, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, BORDER: tl.constexpr,
+    BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
+):
+    """The forward's tile with HALO steps on both sides: p needs x up to WIDTH − 1 steps before, dx needs dp up
+    to WIDTH − 1 steps after. dout is read at the reordered indices (RATE contiguous runs), dx written at the
+    original positions (one contiguous run).
+
+    Two launches over the same grid: BORDER False does the tiles whose own steps stay inside their phase,
+    BORDER True the others (the first and last tiles: a phase's first WIDTH − 1 steps take taps from the
+    previous phase's tail, its last WIDTH − 1 feed the next phase's head), gathering taps and dp at
+    reordered indices. Apart, the common case is compiled without the gathers' registers (together, ptxas
+    spilled: H100, 3.3 ms forward + backward at L 200k against 2.95 for a reordered copy and the plain conv)."""
+    OWN: tl.constexpr = TK - 2 * HALO
+    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
+    k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    x_rows = _rows(b, offs_d, s_xb, s_xd)
+    g_rows = _rows(b, offs_d, s_gb, s_gd)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ws = ()
+    for i in tl.static_range(WIDTH):
+        ws = ws + (tl.load(w_ptr + offs_d * WIDTH + i, mask=mask_d, other=0.0).to(tl.float32),)
+    in_seq = ((kk >= 0) & (kk < K))[:, None] & (oo < RATE)[None, :]
+    own = in_seq & ((kk >= k0) & (kk < k0 + OWN))[:, None]
+    dx_mask = mask_d[:, None, None] & (own & real)[None, :, :]
+    dx_ptrs = dx_ptr + _rows(b, offs_d, s_dxb, s_dxd)[:, None, None] + orig[None, :, :]
+    inside = (k0 >= WIDTH - 1) & (k0 + OWN + WIDTH - 1 <= K)
+    if BORDER:
+        if not inside:
+            # dout is 0 outside the sequence, so dp is too
+            dp = tl.load(dout_ptr + g_rows[:, None, None] + q[None, :, :],
+                         mask=mask_d[:, None, None] & in_seq[None, :, :], other=0.0).to(tl.float32)
+            taps = ()
+            p = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+            if ACT or NEED_DW:
+                for i in tl.static_range(WIDTH):
+                    tap = _gather_reordered(x_ptr, x_rows, mask_d, q - (WIDTH - 1 - i), K, L, P, RATE)
+                    taps = taps + (tap,)
+                    p += ws[i][:, None, None] * tap
+            if ACT:
+                dp = _silu_grad(dp, p)
+            _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, taps, dp, own, WIDTH, NEED_DW, NEED_DBIAS, False)
+            if NEED_DX:
+                dx = ws[WIDTH - 1][:, None, None] * dp
+                for j in tl.static_range(1, WIDTH):
+                    qj = q + j
+                    dq = tl.load(dout_ptr + g_rows[:, None, None] + qj[None, :, :],
+                                 mask=mask_d[:, None, None] & (in_seq & (qj < P))[None, :, :], other=0.0).to(tl.float32)
+                    if ACT:
+                        pj = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+                        for i in tl.static_range(WIDTH):
+                            pj += ws[i][:, None, None] * _gather_reordered(x_ptr, x_rows, mask_d, qj - (WIDTH - 1 - i),
+                                                                           K, L, P, RATE)
+                        dq = _silu_grad(dq, pj)
+                    dx += ws[WIDTH - 1 - j][:, None, None] * dq
+                # dx in x's (original) order; the reordering's padding (≥ L) has no x
+                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    else:
+        if inside:
+            dp = tl.load(dout_ptr + g_rows[:, None, None] + q[None, :, :],
+                         mask=mask_d[:, None, None] & in_seq[None, :, :], other=0.0).to(tl.float32)
+            xt = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32)
+            if ACT or NEED_DW:
+                xt = tl.load(x_ptr + x_rows[:, None, None] + orig[None, :, :],
+                             mask=mask_d[:, None, None] & real[None, :, :], other=0.0).to(tl.float32)
+            if ACT:
+                p = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+                for i in tl.static_range(WIDTH):
+                    p += ws[i][:, None, None] * _shift_rows(xt, i - (WIDTH - 1))
+                dp = _silu_grad(dp, p)
+            _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, xt, dp, own, WIDTH, NEED_DW, NEED_DBIAS, True)
+            if NEED_DX:
+                dx = ws[WIDTH - 1][:, None, None] * dp
+                for j in tl.static_range(1, WIDTH):
+                    dx += ws[WIDTH - 1 - j][:, None, None] * _shift_rows(dp, j)
+                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Python side: tiles, checks, autograd
 
@@ -243,8 +445,33 @@ def _config(width: int, backward: bool) -> dict:
     return cfg
 
 
+def _reorder_config(width: int, rate: int, backward: bool) -> dict:
+    """Tiles of the reordered conv: BLOCK_D channels × TK steps × RP ≥ rate phases (a power of two; the
+    columns past `rate` are masked), HALO = width − 1 steps only read (before the own steps in the forward,
+    on both sides in the backward). Forward 4 channels × ~1024 positions (TK · RP) over 8 warps, backward
+    4 × ~512 over 4: at most 16 tile elements per thread. H100, dim 1024, L 200k, rate 10, bf16, forward +
+    backward: 2.72 ms at backward tiles 4 × 32 steps against 2.92 at 4 × 64 (32 elements a thread, 116
+    registers) and 2.94 for a reordered copy and the plain conv (kernels/NOTES.md, session 20)."""
+    rp = triton.next_power_of_2(rate)
+    if backward:
+        cfg = dict(BLOCK_D=4, TK=max(8, 512 // rp), HALO=width - 1, num_warps=4)
+    else:
+        cfg = dict(BLOCK_D=4, TK=max(8, 1024 // rp), HALO=width - 1, num_warps=8)
+    override = (TILE_OVERRIDE or {}).get("rbwd" if backward else "rfwd")
+    if override:
+        cfg.update(override)
+    cfg["RP"] = rp
+    if cfg["HALO"] < width - 1 or _reorder_own(cfg, backward) < 1:
+        raise ValueError(f"tiles {cfg}: HALO must be at least width - 1 = {width - 1} steps and leave own steps")
+    return cfg
+
+
 def _own(cfg: dict, backward: bool) -> int:
     return cfg["BLOCK_L"] - (2 if backward else 1) * cfg["HALO"]
+
+
+def _reorder_own(cfg: dict, backward: bool) -> int:
+    return cfg["TK"] - (2 if backward else 1) * cfg["HALO"]
 
 
 def _grid(cfg: dict, backward: bool, batch: int, dim: int, length: int) -> tuple:
@@ -276,7 +503,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check(x, weight, bias, seq_idx, activation) -> None:
+def _check(x, weight, bias, seq_idx, activation, reorder=None) -> None:
     if x.dtype not in _DTYPES:
         raise TritonConvError(f"x: dtype {x.dtype} not supported by the Triton conv1d (fp32, fp16, bf16)")
     if x.dim() != 3 or min(x.shape) < 1:
@@ -293,10 +520,19 @@ def _check(x, weight, bias, seq_idx, activation) -> None:
         raise TritonConvError(f"seq_idx must be int32/int64 ({batch}, {length}), got {seq_idx.dtype} {tuple(seq_idx.shape)}")
     if activation not in ACTIVATIONS:
         raise TritonConvError(f"activation {activation!r} not supported by the Triton conv1d ('silu' or None)")
+    if reorder is not None:
+        if isinstance(reorder, bool) or not isinstance(reorder, int) or reorder < 1:
+            raise TritonConvError(f"reorder must be a positive int, got {reorder!r}")
+        if seq_idx is not None:
+            raise TritonConvError("reorder and seq_idx cannot be combined")
+        if reorder > MAX_REORDER_RATE:
+            raise TritonConvError(f"reorder {reorder} exceeds the kernel's limit {MAX_REORDER_RATE}")
     if batch > 65535:
         raise TritonConvError(f"x: batch {batch} exceeds the kernel's grid (65535)")
     if not x.is_cuda and not _interpreting():
         raise TritonConvError("the Triton conv1d runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+
+
 
 
 def _fwd(x, weight, bias, seq_idx, act: bool) -> torch.Tensor:
@@ -340,14 +576,57 @@ def _bwd(dout, x, weight, bias, seq_idx, act: bool, need_dx: bool, need_dw: bool
     return dx, dw, dbias
 
 
+def _reorder_grid(cfg: dict, backward: bool, batch: int, dim: int, steps: int) -> tuple:
+    return (triton.cdiv(steps, _reorder_own(cfg, backward)) * triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+
+
+def _reorder_fwd(x, weight, bias, act: bool, rate: int) -> torch.Tensor:
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    steps = -(-length // rate)
+    out = _new((batch, dim, steps * rate), x)
+    cfg = _reorder_config(width, rate, backward=False)
+    kern = _conv1d_reorder_fwd_kernel[_reorder_grid(cfg, False, batch, dim, steps)](
+        x, weight, bias if bias is not None else weight, out,
+        dim, length, steps, steps * rate, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
+        **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg),
+    )
+    _note("fwd_reorder", kern)
+    return out
+
+
+def _reorder_bwd(dout, x, weight, bias, act: bool, need_dx: bool, need_dw: bool, need_dbias: bool, rate: int):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    steps = -(-length // rate)
+    dout = _unit_stride(dout)
+    dx = _new((batch, dim, length), x) if need_dx else None
+    dw = torch.zeros((dim, width), device=x.device, dtype=torch.float32) if need_dw else None
+    dbias = torch.zeros((dim,), device=x.device, dtype=torch.float32) if need_dbias else None
+    cfg = _reorder_config(width, rate, backward=True)
+    grid = _reorder_grid(cfg, True, batch, dim, steps)
+    args = (x, weight, bias if bias is not None else weight,
+            dout, dx if dx is not None else dout, dw if dw is not None else weight, dbias if dbias is not None else weight,
+            dim, length, steps, steps * rate, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0)
+    consts = dict(WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
+                  NEED_DX=need_dx, NEED_DW=need_dw, NEED_DBIAS=need_dbias,
+                  **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg))
+    # the tiles inside their phases, then (the programs of the others only) the border tiles: see the kernel
+    _note("bwd_reorder", _conv1d_reorder_bwd_kernel[grid](*args, BORDER=False, **consts))
+    _note("bwd_reorder_border", _conv1d_reorder_bwd_kernel[grid](*args, BORDER=True, **consts))
+    return dx, dw, dbias
+
+
 class _Conv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, act):
-        out = _fwd(x, weight, bias, seq_idx, act)
+    def forward(ctx, x, weight, bias, seq_idx, act, rate=0):
+        out = _reorder_fwd(x, weight, bias, act, rate) if rate else _fwd(x, weight, bias, seq_idx, act)
         # x, not the pre-activation: the backward recomputes it (a bag of 200k patches at dim 2048 is
         # 0.8 GB per saved bf16 tensor)
         ctx.save_for_backward(x, weight, bias, seq_idx)
-        ctx.act = act
+        ctx.act, ctx.rate = act, rate
         return out
 
     @staticmethod
@@ -356,23 +635,33 @@ class _Conv1dFn(torch.autograd.Function):
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
         need_dbias = need_dbias and bias is not None
         if not (need_dx or need_dw or need_dbias):
-            return None, None, None, None, None
-        dx, dw, dbias = _bwd(dout, x, weight, bias, seq_idx, ctx.act, need_dx, need_dw, need_dbias)
+            return None, None, None, None, None, None
+        if ctx.rate:
+            dx, dw, dbias = _reorder_bwd(dout, x, weight, bias, ctx.act, need_dx, need_dw, need_dbias, ctx.rate)
+        else:
+            dx, dw, dbias = _bwd(dout, x, weight, bias, seq_idx, ctx.act, need_dx, need_dw, need_dbias)
         return (dx, dw.to(weight.dtype) if dw is not None else None,
-                dbias.to(bias.dtype) if dbias is not None else None, None, None)
+                dbias.to(bias.dtype) if dbias is not None else None, None, None, None)
 
 
-def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu"):
+def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu", reorder=None):
     """The Triton backend of `wsimamba.ops.causal_conv1d` (arguments validated there).
 
     x (batch, dim, length) fp32/fp16/bf16, weight (dim, width), bias (dim,) or None, seq_idx (batch, length)
     int32/int64 or None, activation "silu" or None. Returns out (batch, dim, length), contiguous, in x's
     dtype; differentiable in x, weight and bias. x with a non-unit stride along the length is copied first.
-    Raises TritonConvError for inputs the kernel does not take (dtype, width > MAX_WIDTH, device).
+
+    reorder (a positive int r, or None): the conv of `stride_reorder(x, r)` (zero-padded to K·r positions,
+    K = ceil(length / r), then phase by phase), read from x in its own order: out is (batch, dim, K·r) in
+    the reordered order, and dx comes back in x's order. Not with seq_idx.
+
+    Raises TritonConvError for inputs the kernel does not take (dtype, width > MAX_WIDTH, device, a reorder
+    past MAX_REORDER_RATE).
     """
-    _check(x, weight, bias, seq_idx, activation)
+    _check(x, weight, bias, seq_idx, activation, reorder)
     x = _unit_stride(x)
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     seq_idx = seq_idx.contiguous() if seq_idx is not None else None
-    return _Conv1dFn.apply(x, weight, bias, seq_idx, activation == "silu")
+    rate = int(reorder) if reorder is not None and reorder > 1 else 0
+    return _Conv1dFn.apply(x, weight, bias, seq_idx, activation == "silu", rate)

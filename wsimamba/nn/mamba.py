@@ -20,6 +20,9 @@ Two implementations of the same function (``impl``):
                  products whose outputs are already (batch, channels, length), so x, z, Δ, B and C reach
                  the fused convolution (``wsimamba.ops.causal_conv1d``, causal depthwise conv + SiLU in one
                  kernel that recomputes its activation in the backward) and the scan without a layout copy.
+                 SRMamba's reordering makes no copies either: the second branch's convolution reads x in
+                 place (``reorder=rate``), both branches scan without the gate, and
+                 ``wsimamba.ops.restore_add_gate`` restores, adds and gates in one pass.
 - ``auto``       ``fast`` on CUDA tensors, ``reference`` elsewhere.
 
 Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).
@@ -40,6 +43,7 @@ from torch import nn
 from wsimamba.nn.padding import PaddedBags
 from wsimamba.ops import causal_conv1d, selective_scan
 from wsimamba.ops.conv1d import causal_conv1d_reference
+from wsimamba.ops.reorder import restore_add_gate, stride_reorder, stride_restore
 from wsimamba.ops.selective_scan import DIRECTIONS, ScanArgumentError
 
 IMPLS = ("auto", "fast", "reference")
@@ -164,10 +168,12 @@ class Mamba(nn.Module):
             **_scan_layout(direction, window, pad),
         )
 
-    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None):
+    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None, reorder=None):
         """The fast branch: x, z (batch, d_inner, length) with unit stride along the length (views of
-        in_proj's output are fine) → y (batch, d_inner, length)."""
-        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu", seq_idx=_seq_idx(pad))
+        in_proj's output are fine) → y (batch, d_inner, length). z None: no gate. reorder r: the branch runs
+        over ``stride_reorder(x, r)``, which the convolution reads from x in place; y is then in that order."""
+        conv_kw = {} if reorder is None else {"reorder": reorder}
+        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu", seq_idx=_seq_idx(pad), **conv_kw)
         # x_dbl = W_x x: (batch, dt_rank + 2·d_state, length), so Δ's low-rank part, B and C are rows
         x_dbl = _channel_first(x_proj.weight, x)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -319,24 +325,6 @@ class BiMamba(_TwoBranch):
         return self._out((y_forward + y_backward) / 2)
 
 
-def stride_reorder(x: torch.Tensor, rate: int) -> torch.Tensor:
-    """MambaMIL's sequence reordering: pad the length with zeros to a multiple of ``rate``, then take
-    every ``rate``-th token, starting at offsets 0, 1, …, rate − 1 in turn ((k w) → (w k), w = rate).
-
-    x (batch, channels, length) → (batch, channels, ceil(length / rate) · rate).
-    """
-    b, c, length = x.shape
-    k = -(-length // rate)
-    x = F.pad(x, (0, k * rate - length))
-    return x.reshape(b, c, k, rate).transpose(-1, -2).reshape(b, c, k * rate)
-
-
-def stride_restore(x: torch.Tensor, rate: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`stride_reorder`: (batch, channels, padded length) → (batch, channels, length)."""
-    b, c, padded = x.shape
-    return x.reshape(b, c, rate, padded // rate).transpose(-1, -2).reshape(b, c, padded)[..., :length]
-
-
 class SRMamba(_TwoBranch):
     """MambaMIL's sequence-reordering Mamba.
 
@@ -349,6 +337,10 @@ class SRMamba(_TwoBranch):
     Shapes: hidden_states (batch, length, d_model) → (batch, length, d_model).
     """
 
+    # The fast layers reorder inside the kernels (True), or by copies as the reference layers do (False: the
+    # baseline of benchmarks/srmamba.py, set per instance there; the function is the same).
+    reorder_in_kernels = True
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", rate: int = 10, **kwargs):
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
@@ -360,6 +352,15 @@ class SRMamba(_TwoBranch):
         """hidden_states (batch, length, d_model) → (batch, length, d_model); pad as :meth:`Mamba.forward`
         (each bag reordered alone)."""
         x, z = self._in(hidden_states)
+        if pad is None and self._fast(x) and self.reorder_in_kernels:
+            # the fast layers make no reordered copies: the second branch's convolution reads x in place
+            # (``causal_conv1d(reorder=rate)``), both branches scan without the gate, and one pass restores the
+            # second, adds the first and applies the gate they share (``restore_add_gate``)
+            y_forward = self._ssm_fast(x, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D,
+                                       "forward", None)
+            y_reordered = self._ssm_fast(x, None, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                                         "forward", None, reorder=self.rate)
+            return self._out(restore_add_gate(y_forward, y_reordered, z, self.rate))
         y_forward = self._first(x, z, pad)
         if pad is None:
             y_reordered = self._second(stride_reorder(x, self.rate), stride_reorder(z, self.rate))

@@ -1,4 +1,5 @@
-"""Functional ops (no nn.Module): the selective scan and the causal depthwise conv1d (references + backend dispatch)."""
+"""Functional ops (no nn.Module): the selective scan, the causal depthwise conv1d and MambaMIL's sequence reordering
+(references + backend dispatch)."""
 
 from wsimamba.ops.conv1d import (
     CONV_BACKENDS,
@@ -6,6 +7,15 @@ from wsimamba.ops.conv1d import (
     ConvBackendError,
     causal_conv1d,
     causal_conv1d_reference,
+)
+from wsimamba.ops.reorder import (
+    REORDER_BACKENDS,
+    ReorderArgumentError,
+    ReorderBackendError,
+    restore_add_gate,
+    restore_add_gate_reference,
+    stride_reorder,
+    stride_restore,
 )
 from wsimamba.ops.selective_scan import (
     DIRECTIONS,
@@ -25,6 +35,13 @@ __all__ = [
     "ConvBackendError",
     "causal_conv1d",
     "causal_conv1d_reference",
+    "REORDER_BACKENDS",
+    "ReorderArgumentError",
+    "ReorderBackendError",
+    "restore_add_gate",
+    "restore_add_gate_reference",
+    "stride_reorder",
+    "stride_restore",
     "DIRECTIONS",
     "ScanArgumentError",
     "ScanBackendError",

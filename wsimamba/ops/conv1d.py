@@ -13,6 +13,10 @@ mamba-ssm's ``causal_conv1d_fn`` takes the same argument). Without seq_idx this 
 ``nn.Conv1d(dim, dim, width, groups=dim, padding=width - 1)(x)[..., :length]``; ``activation`` is
 "silu" or None. Accumulation is fp32 (fp64 when any input is fp64); the output has x's dtype.
 
+``reorder=r`` convolves ``stride_reorder(x, r)`` (MambaMIL's reordering, :mod:`wsimamba.ops.reorder`)
+instead of x: the reference makes the reordered copy, the triton backend reads x in place and returns
+dx in x's order.
+
 Backends
 --------
 ``reference``  this module; any device, any float dtype, any strides; differentiable by autograd.
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import WsimambaError
+from wsimamba.ops.reorder import stride_reorder
 
 __all__ = [
     "CONV_BACKENDS",
@@ -148,7 +153,7 @@ def _load_triton():
         raise
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend="auto"):
+def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend="auto", reorder=None):
     """Causal depthwise conv1d followed by SiLU (or no activation), as in a Mamba block.
 
     Args:
@@ -160,10 +165,14 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend
         activation: "silu" or None.
         seq_idx: (batch, length) int32/int64, optional: taps only within runs of equal values (module docstring).
         backend: "auto", "reference" or "triton" (module docstring).
+        reorder: a positive int r, optional: the conv of ``stride_reorder(x, r)`` (MambaMIL's sequence
+            reordering, :func:`wsimamba.ops.stride_reorder`), which the triton backend reads from x in place
+            (no reordered copy of x; dx comes back in x's order). Not with seq_idx.
 
     Returns:
         out (batch, dim, length), a new contiguous tensor in x's dtype; differentiable in x, weight (its
-        gradient has the shape and dtype of the weight given) and bias.
+        gradient has the shape and dtype of the weight given) and bias. With ``reorder`` r: (batch, dim,
+        ceil(length / r) · r), in the reordered order.
 
     Raises:
         ConvArgumentError: a bad shape, dtype or value (names the argument).
@@ -173,23 +182,34 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend
     weight2 = _check_args(x, weight, bias, activation, seq_idx)
     if backend not in CONV_BACKENDS:
         raise ConvArgumentError(f"backend: expected one of {', '.join(CONV_BACKENDS)}, got {backend!r}")
+    if reorder is not None:
+        if isinstance(reorder, bool) or not isinstance(reorder, int) or reorder < 1:
+            raise ConvArgumentError(f"reorder: expected a positive int, got {reorder!r}")
+        if seq_idx is not None:
+            raise ConvArgumentError("reorder: cannot be combined with seq_idx (reorder each packed sequence alone)")
+
+    def reference():
+        xr = stride_reorder(x, reorder) if reorder is not None else x
+        return _reference(xr, weight2, bias, activation, seq_idx)
+
+    extra = {} if reorder is None else {"reorder": reorder}
     if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
-        return _reference(x, weight2, bias, activation, seq_idx)
+        return reference()
     if backend == "auto":
         try:
             kernels = _load_triton()
         except ConvBackendError:
-            return _reference(x, weight2, bias, activation, seq_idx)
+            return reference()
         try:
-            return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation)
+            return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra)
         except kernels.TritonConvError:
-            return _reference(x, weight2, bias, activation, seq_idx)
+            return reference()
     kernels = _load_triton()
     # Triton's interpreter runs kernels on CPU tensors: for tests, never chosen by auto
     if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         raise ConvBackendError(f"backend='triton' needs a cuda device (or TRITON_INTERPRET=1 on the CPU), got tensors "
                                f"on {x.device}")
     try:
-        return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation)
+        return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra)
     except kernels.TritonConvError as err:
         raise ConvBackendError(f"backend='triton': {err}") from err

@@ -1,0 +1,295 @@
+"""MambaMIL's sequence reordering without reordered copies: the reorder ops, the convolution that reads x
+in place (``causal_conv1d(reorder=r)``), the fused restore + add + gate, and SRMamba's fast layers built
+on them, each against its reference, forward and every gradient.
+
+On a machine without CUDA the Triton kernels run in the interpreter (conftest.py) at small sizes and
+small tiles, with every load and store bounds-checked; the `gpu` tests run them compiled at a bag's length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import wsimamba.nn as wnn
+from tests import triton_bounds
+from wsimamba.kernels import conv1d as kc
+from wsimamba.kernels import reorder as kr
+from wsimamba.ops import (
+    ConvArgumentError,
+    ConvBackendError,
+    ReorderArgumentError,
+    causal_conv1d,
+    causal_conv1d_reference,
+    restore_add_gate,
+    restore_add_gate_reference,
+    stride_reorder,
+    stride_restore,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_bounds(monkeypatch):
+    """Outputs start as NaN (an unwritten element shows); in the interpreter a load or store outside the
+    launch's tensors fails the test."""
+    monkeypatch.setattr(kc, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kr, "POISON_OUTPUTS", True)
+    if DEV != "cpu" or not triton_bounds.available():
+        yield
+        return
+    with triton_bounds.BoundsCheck("reorder") as check:
+        yield
+    assert not check.violations, "\n".join(check.violations)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reordering itself
+
+
+@pytest.mark.parametrize("length,rate", [(1, 1), (7, 3), (12, 4), (5, 10), (31, 10)])
+def test_reorder_takes_each_phase_in_turn_and_restore_inverts_it(length, rate, seed):
+    x = torch.randn(2, 3, length, generator=_gen(seed))
+    r = stride_reorder(x, rate)
+    k = -(-length // rate)
+    assert r.shape == (2, 3, k * rate)
+    for o in range(rate):
+        for j in range(k):
+            t = j * rate + o  # phase o, its j-th token
+            expected = x[..., t] if t < length else torch.zeros(2, 3)
+            assert torch.equal(r[..., o * k + j], expected)
+    assert torch.equal(stride_restore(r, rate, length), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# the convolution over the reordered sequence, read from x in place
+
+CONV_CASES = [
+    # (batch, dim, length, width, rate, bias, activation, dtype, tiles)
+    # small tiles (steps TK, HALO steps before the own ones, and after them in the backward): first, interior
+    # and last tiles, whose taps or dp(k + j) cross a phase border or not
+    (2, 5, 53, 4, 3, True, "silu", torch.float32, {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 4, "TK": 8}}),
+    (1, 3, 201, 3, 5, False, "silu", torch.float32, {"rfwd": {"BLOCK_D": 2, "TK": 8, "HALO": 3},
+                                                      "rbwd": {"BLOCK_D": 2, "TK": 16, "HALO": 4}}),
+    (1, 4, 97, 4, 10, True, None, torch.float32, {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 4, "TK": 8}}),
+    (2, 4, 5, 4, 10, True, "silu", torch.float32, None),  # shorter than one phase step: K = 1
+    (1, 3, 7, 4, 3, True, "silu", torch.float16, None),  # K = 3 ≤ width − 1: taps cross two phases
+    (2, 6, 150, 4, 7, True, "silu", torch.bfloat16, {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 2, "TK": 16}}),
+    (1, 2, 31, 2, 1, True, "silu", torch.float32, None),  # rate 1: no reordering
+]
+
+
+def _conv_grads(fn, x, w, b, g, dim, activation, dtype=None):
+    leaves = [t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in (x, w, b) if t is not None]
+    out = fn(leaves[0][:, :dim], leaves[1], leaves[2] if b is not None else None, activation=activation)
+    (out.float() * g).sum().backward()
+    assert (leaves[0].grad[:, dim:] == 0).all()
+    return [out.float(), leaves[0].grad[:, :dim].float()] + [t.grad.float() for t in leaves[1:]]
+
+
+@pytest.mark.parametrize("batch,dim,length,width,rate,bias,activation,dtype,tiles", CONV_CASES)
+def test_reordered_conv_matches_the_conv_of_the_reordered_copy(batch, dim, length, width, rate, bias, activation,
+                                                               dtype, tiles, seed, monkeypatch):
+    """The kernel with ``reorder`` against the reference conv of ``stride_reorder(x)`` (fp32): output (in the
+    reordered order), dx (in x's order), dweight, dbias; x a channel slice of a wider buffer."""
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", tiles)
+    gen = _gen(seed)
+    x = torch.randn(batch, 2 * dim, length, generator=gen).to(dtype).to(DEV)
+    w = (torch.randn(dim, width, generator=gen) / width ** 0.5).to(DEV)
+    b = torch.randn(dim, generator=gen).to(DEV) if bias else None
+    padded = -(-length // rate) * rate
+    g = torch.randn(batch, dim, padded, generator=gen).to(dtype).float().to(DEV)
+    got = _conv_grads(functools.partial(causal_conv1d, backend="triton", reorder=rate), x, w, b, g, dim, activation)
+    ref = _conv_grads(lambda xv, *a, **k: causal_conv1d_reference(stride_reorder(xv, rate), *a, **k),
+                      x, w, b, g, dim, activation, dtype=torch.float32)
+    assert got[0].shape == (batch, dim, padded)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, ref):
+        assert torch.isfinite(a).all(), f"{name}: unwritten elements"
+        assert _rel(a, e) < tol, (name, _rel(a, e))
+    if length > rate > 1:  # the reordering matters (K > 1): the plain conv of x is another function
+        plain = causal_conv1d_reference(x[:, :dim].float(), w, b, activation=activation)
+        assert _rel(stride_restore(got[0], rate, length), plain) > 1e-3
+
+
+def test_reordered_conv_dispatch_and_errors(monkeypatch):
+    x, w = torch.randn(1, 4, 9), torch.randn(4, 4)
+    # the reference backend and auto on the CPU compute the conv of the reordered copy
+    expected = causal_conv1d_reference(stride_reorder(x, 3), w)
+    assert torch.equal(causal_conv1d(x, w, reorder=3), expected)
+    assert torch.equal(causal_conv1d(x, w, reorder=3, backend="reference"), expected)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ConvArgumentError, match=f"reorder: expected a positive int, got {bad!r}"):
+            causal_conv1d(x, w, reorder=bad)
+    with pytest.raises(ConvArgumentError, match="reorder: cannot be combined with seq_idx"):
+        causal_conv1d(x, w, reorder=2, seq_idx=torch.zeros(1, 9, dtype=torch.int64))
+    # a rate past the kernel's limit: refused by name on triton, the reference under auto
+    rate = kc.MAX_REORDER_RATE + 1
+    with pytest.raises(ConvBackendError, match=f"reorder {rate} exceeds the kernel's limit {kc.MAX_REORDER_RATE}"):
+        causal_conv1d(x.to(DEV), w.to(DEV), reorder=rate, backend="triton")
+    far = causal_conv1d(x.to(DEV), w.to(DEV), reorder=rate)
+    assert _rel(far, causal_conv1d_reference(stride_reorder(x, rate), w).to(DEV)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# restore + add + gate in one pass
+
+GATE_CASES = [
+    # (batch, dim, length, rate, dtype)
+    (2, 5, 53, 3, torch.float32),
+    (1, 6, 7, 10, torch.float32),  # one token per phase at most
+    (1, 3, 40, 4, torch.bfloat16),
+    (2, 3, 9, 1, torch.float16),
+    (1, 37, 101, 10, torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch,dim,length,rate,dtype", GATE_CASES)
+def test_restore_add_gate_matches_the_reference(batch, dim, length, rate, dtype, seed, monkeypatch):
+    """Output and the three gradients against the fp32 reference; z a channel slice of a wider buffer and the
+    incoming gradient laid out as out_proj gives it (unit stride along the channels)."""
+    if DEV == "cpu":
+        monkeypatch.setattr(kr, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 4, "TK": 4},
+                                                  "bwd": {"BLOCK_D": 8, "TK": 2}})
+    gen = _gen(seed)
+    padded = -(-length // rate) * rate
+    y = torch.randn(batch, dim, length, generator=gen).to(dtype).to(DEV)
+    yr = torch.randn(batch, dim, padded, generator=gen).to(dtype).to(DEV)
+    zz = torch.randn(batch, 2 * dim, length, generator=gen).to(dtype).to(DEV)
+    g = torch.randn(batch, length, dim, generator=gen).to(dtype).to(DEV).transpose(1, 2)
+    results = []
+    for fn, as_dtype in ((functools.partial(restore_add_gate, backend="triton"), None),
+                         (restore_add_gate_reference, torch.float32)):
+        leaves = [t.detach().clone().to(as_dtype or t.dtype).requires_grad_(True) for t in (y, yr, zz)]
+        out = fn(leaves[0], leaves[1], leaves[2][:, dim:], rate)
+        out.backward(g.to(out.dtype))
+        assert (leaves[2].grad[:, :dim] == 0).all()
+        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, dim:]])
+    got, ref = results
+    assert got[0].dtype == dtype and got[0].is_contiguous()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), got, ref):
+        assert torch.isfinite(a).all(), f"{name}: unwritten elements"
+        assert _rel(a, e) < tol, (name, _rel(a, e))
+    # the reordering's padding gets no gradient
+    pad_idx = [o * (padded // rate) + padded // rate - 1 for o in range(rate) if (padded // rate - 1) * rate + o >= length]
+    if pad_idx:
+        assert (got[2][..., pad_idx] == 0).all()
+
+
+def test_restore_add_gate_is_the_sum_of_the_gated_branches(seed):
+    """The fused form is what SRMamba computed before: y·silu(z) + restore(y_r · silu(reorder(z)))."""
+    gen = _gen(seed)
+    y, z = torch.randn(2, 4, 23, generator=gen, dtype=torch.float64), torch.randn(2, 4, 23, generator=gen, dtype=torch.float64)
+    yr = torch.randn(2, 4, 24, generator=gen, dtype=torch.float64)
+    silu = torch.nn.functional.silu
+    two = y * silu(z) + stride_restore(yr * silu(stride_reorder(z, 6)), 6, 23)
+    assert _rel(restore_add_gate(y, yr, z, 6), two) < 1e-14
+
+
+def test_restore_add_gate_errors_name_the_argument():
+    y, yr, z = torch.randn(1, 4, 9), torch.randn(1, 4, 12), torch.randn(1, 4, 9)
+    bad = [
+        (dict(rate=0), "rate: expected a positive int, got 0"),
+        (dict(y_reordered=torch.randn(1, 4, 9)), r"y_reordered: expected shape \(1, 4, 12\) \(length 9 reordered with "
+                                                 r"rate 4\), got \(1, 4, 9\)"),
+        (dict(z=torch.randn(1, 4, 8)), r"z: expected shape \(1, 4, 9\) like y, got \(1, 4, 8\)"),
+        (dict(y=torch.randn(4, 9)), r"y: expected shape \(batch, channels, length\)"),
+        (dict(z=torch.zeros(1, 4, 9, dtype=torch.int64)), "z: expected a float16/bfloat16/float32/float64 tensor"),
+        (dict(backend="cuda"), "backend: expected one of auto, reference, triton, got 'cuda'"),
+    ]
+    for change, message in bad:
+        args = {**dict(y=y, y_reordered=yr, z=z, rate=4), **change}
+        with pytest.raises(ReorderArgumentError, match=message):
+            restore_add_gate(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# SRMamba's fast layers on these kernels
+
+
+def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, monkeypatch):
+    """SRMamba with impl="fast" running the Triton convolution (reorder) and restore-add-gate (the scan on its
+    reference: the kernels here are the point) against the reference layers, which reorder by copies:
+    fp32, output, input gradient and every parameter gradient within 1e-4, batch 2 of an odd length."""
+    import wsimamba.nn.mamba as mamba
+
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "BLOCK_L": 64},
+                                                  "bwd": {"BLOCK_D": 8, "BLOCK_L": 64},
+                                                  "rfwd": {"BLOCK_D": 8, "TK": 8}, "rbwd": {"BLOCK_D": 8, "TK": 8}})
+        monkeypatch.setattr(kr, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "TK": 4}, "bwd": {"BLOCK_D": 8, "TK": 2}})
+    calls = []
+
+    def spy(fn, name):
+        def call(*args, **kwargs):
+            calls.append((name, kwargs.get("reorder")))
+            return fn(*args, **kwargs, backend="triton")
+        return call
+
+    monkeypatch.setattr(mamba, "causal_conv1d", spy(causal_conv1d, "conv"))
+    monkeypatch.setattr(mamba, "restore_add_gate", spy(restore_add_gate, "gate"))
+    torch.manual_seed(seed)
+    ref = wnn.SRMamba(12, d_state=4, rate=3, impl="reference").to(DEV)
+    fast = wnn.SRMamba(12, d_state=4, rate=3, impl="fast").to(DEV)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 41, 12, generator=_gen(seed)).to(DEV)
+    r = torch.randn(2, 41, 12, generator=_gen(seed + 1)).to(DEV)
+    results = []
+    for module in (ref, fast):
+        xl = x.clone().requires_grad_(True)
+        out = module(xl)
+        (out * r).sum().backward()
+        results.append((out.detach(), xl.grad, {n: p.grad for n, p in module.named_parameters()}))
+    assert calls == [("conv", None), ("conv", 3), ("gate", None)]
+    (out_r, dx_r, g_r), (out_f, dx_f, g_f) = results
+    assert _rel(out_f, out_r) < 1e-4 and _rel(dx_f, dx_r) < 1e-4
+    assert g_f.keys() == g_r.keys() and len(g_r) == 16
+    for name in g_r:
+        assert _rel(g_f[name], g_r[name]) < 1e-4, (name, _rel(g_f[name], g_r[name]))
+
+
+# ----------------------------------------------------------------------------------------------
+# full sizes, compiled, on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length,rate", [(100_003, 10), (4_999, 7)])
+def test_gpu_reordered_conv_and_gate_at_a_bags_length(length, rate, seed):
+    """bf16 at d_inner 1024: the reordered conv and the restore-add-gate against their fp32 references."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dim = 1024
+    padded = -(-length // rate) * rate
+    x = torch.randn(1, 2 * dim, length, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(dim, 4, device="cuda", generator=gen) / 2
+    b = torch.randn(dim, device="cuda", generator=gen)
+    g = torch.randn(1, dim, padded, device="cuda", generator=gen).bfloat16().float()
+    got = _conv_grads(functools.partial(causal_conv1d, backend="triton", reorder=rate), x, w, b, g, dim, "silu")
+    ref = _conv_grads(lambda xv, *a, **k: causal_conv1d_reference(stride_reorder(xv, rate), *a, **k),
+                      x, w, b, g, dim, "silu", dtype=torch.float32)
+    for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, ref):
+        assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))
+    y = torch.randn(1, dim, length, device="cuda", generator=gen).bfloat16()
+    yr = torch.randn(1, dim, padded, device="cuda", generator=gen).bfloat16()
+    gg = torch.randn(1, length, dim, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    results = []
+    for fn, as_dtype in ((functools.partial(restore_add_gate, backend="triton"), None),
+                         (restore_add_gate_reference, torch.float32)):
+        leaves = [t.detach().clone().to(as_dtype or t.dtype).requires_grad_(True) for t in (y, yr, x)]
+        out = fn(leaves[0], leaves[1], leaves[2][:, dim:], rate)
+        out.backward(gg.to(out.dtype))
+        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, dim:]])
+    for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *results):
+        assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))
