@@ -56,12 +56,21 @@ def _kind(layers: str | None) -> tuple[str | None, bool]:
 def _step_model(name: str, in_dim: int, d_model: int, layers: str | None, device: str):
     from wsimamba.models.mil import create_model
 
+    from wsimamba.nn import SRMamba
+
     layers = _kind(layers)[0]
+    # "fast-copies": the fast layers with SRMamba reordering by copies (its baseline, benchmarks/srmamba.py)
+    copies = layers == "fast-copies"
+    layers = "fast" if copies else layers
     kw = {"d_model": d_model}
     if name in MAMBA_MODELS and layers not in (None, "default"):  # "default": the model as it stands (older code)
         kw["impl"] = layers
     torch.manual_seed(0)
-    return create_model(name, in_dim, 2, **kw).to(device)
+    model = create_model(name, in_dim, 2, **kw).to(device)
+    for module in model.modules() if copies else ():
+        if isinstance(module, SRMamba):
+            module.reorder_in_kernels = False
+    return model
 
 
 def _training_step(name: str, instances: int, bf16: bool, layers: str | None, in_dim: int = 1024,
