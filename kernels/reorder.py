@@ -16,9 +16,9 @@ How the kernels work:
   two ≥ rate; the columns past rate are masked). Its original positions k·rate + o are one contiguous run
   of y, z and out, and its reordered indices o·K + k are `rate` contiguous runs of y_reordered, so every
   load and store is coalesced on one side or the other; Triton lays each access out along its contiguous
-  axis and moves the tile between them on chip. (A tile of consecutive original positions, 8 to a
-  thread, wrote each thread's 8 values into 8 different phases: scattered 2-byte stores, slower than the
-  copies this replaces.)
+  axis and moves the tile between them on chip. (Tiles of consecutive original positions, 8 to a
+  thread, scatter each thread's 8 values over 8 phases: 2-byte stores; the reordered conv's first version
+  did that and was slower than a reordered copy, kernels/NOTES.md session 20.)
 - The forward writes out once. The backward covers the K·rate positions (the reordering's padding too):
   with g the gradient of out, it writes dy = g·silu(z) in y's order, the same values at the reordered
   indices for y_reordered (0 at the padding, whose outputs nothing reads), and dz = g·(y + y_reordered)·
