@@ -182,23 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_bench.DEV = dev
     out = {"benchmark": "srmamba", "device": device_name(dev), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "d_model": args.d_model, "rate": 10, "block": {}, "step": {}}
-    for n in (int(v) for v in args.lengths.split(",") if v):
-        r = block_figures(n, args, dev)
-        out["block"][str(n)] = r
-        print(f"block {n}: kernels {r['kernels']['ms']:.3f} ms, copies {r['copies']['ms']:.3f} ms, "
-              f"ratio {r['copies']['ms'] / r['kernels']['ms']:.3f}, max rel {r['max_rel']}", file=sys.stderr, flush=True)
-    out["conv"] = {}
-    for n in (int(v) for v in args.lengths.split(",") if v):
-        r = conv_figures(n, args, dev)
-        out["conv"][str(n)] = r
-        print(f"conv {n}: in place {r['in_place']['ms']:.3f} ms, copy {r['copy']['ms']:.3f} ms, "
-              f"plain {r['plain']['ms']:.3f} ms", file=sys.stderr, flush=True)
-    out["gate"] = {}
-    for n in (int(v) for v in args.lengths.split(",") if v):
-        r = gate_figures(n, args, dev)
-        out["gate"][str(n)] = r
-        print(f"gate {n}: restore_add_gate {r['restore_add_gate']['ms']:.3f} ms, restore_add {r['restore_add']['ms']:.3f} ms",
-              file=sys.stderr, flush=True)
+    out.update(conv={}, gate={})
+    for section, figures in (("block", block_figures), ("conv", conv_figures), ("gate", gate_figures)):
+        for n in (int(v) for v in args.lengths.split(",") if v):
+            r = figures(n, args, dev)
+            out[section][str(n)] = r
+            print(f"{section} {n}: " + ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in r.items() if isinstance(v, dict))
+                  + (f", max rel {r['max_rel']}" if "max_rel" in r else ""), file=sys.stderr, flush=True)
     for n in (int(v) for v in args.step_instances.split(",") if v):
         for precision in args.precisions.split(","):
             r = step_figures(n, precision == "bf16", args, dev)

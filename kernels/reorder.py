@@ -29,11 +29,12 @@ How the kernels work:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+# the grid order (channel tiles fastest) and int64 row offsets of the conv kernels
+from wsimamba.kernels.conv1d import _interpreting, _rows, _tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest rate the kernels take (a tile spans next_power_of_2(rate) phases).
@@ -49,19 +50,6 @@ KERNEL_RESOURCES: dict = {}
 
 class TritonReorderError(ValueError):
     """Arguments the Triton kernel cannot take (the dispatch layer turns it into a WsimambaError)."""
-
-
-@triton.jit
-def _tile(DIM, BLOCK_D: tl.constexpr):
-    """(length tile, channel tile, batch element); channel tiles vary fastest along the grid."""
-    n_d = tl.cdiv(DIM, BLOCK_D)
-    pid = tl.program_id(0)
-    return pid // n_d, pid % n_d, tl.program_id(1)
-
-
-@triton.jit
-def _rows(b, offs_d, s_b, s_d):
-    return b.to(tl.int64) * s_b + offs_d.to(tl.int64) * s_d
 
 
 @triton.jit
@@ -162,10 +150,6 @@ def _note(name: str, kern) -> None:
     regs, spills = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
     if regs is not None:
         KERNEL_RESOURCES[name] = dict(regs=regs, spills=spills)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _new(shape, like: torch.Tensor, dtype) -> torch.Tensor:
