@@ -29,13 +29,11 @@ Backends
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import WsimambaError
+from wsimamba.ops._backends import run_backend
 from wsimamba.ops.reorder import stride_reorder
 
 __all__ = [
@@ -141,18 +139,6 @@ def causal_conv1d_reference(x, weight, bias=None, activation="silu", seq_idx=Non
     return _reference(x, weight, bias, activation, seq_idx)
 
 
-def _load_triton():
-    try:
-        return importlib.import_module(_TRITON_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name in (_TRITON_MODULE, "triton"):
-            raise ConvBackendError(
-                f"backend='triton': the Triton conv1d kernel is not available ({err.name} is not installed); "
-                f"use backend='reference'"
-            ) from None
-        raise
-
-
 def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend="auto", reorder=None):
     """Causal depthwise conv1d followed by SiLU (or no activation), as in a Mamba block.
 
@@ -193,23 +179,5 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend
         return _reference(xr, weight2, bias, activation, seq_idx)
 
     extra = {} if reorder is None else {"reorder": reorder}
-    if backend == "reference" or (backend == "auto" and x.device.type != "cuda"):
-        return reference()
-    if backend == "auto":
-        try:
-            kernels = _load_triton()
-        except ConvBackendError:
-            return reference()
-        try:
-            return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra)
-        except kernels.TritonConvError:
-            return reference()
-    kernels = _load_triton()
-    # Triton's interpreter runs kernels on CPU tensors: for tests, never chosen by auto
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ConvBackendError(f"backend='triton' needs a cuda device (or TRITON_INTERPRET=1 on the CPU), got tensors "
-                               f"on {x.device}")
-    try:
-        return kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra)
-    except kernels.TritonConvError as err:
-        raise ConvBackendError(f"backend='triton': {err}") from err
+    return run_backend(backend, x.device, _TRITON_MODULE, "TritonConvError", ConvBackendError, "conv1d",
+                       lambda kernels: kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra), reference)

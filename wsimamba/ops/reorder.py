@@ -23,13 +23,11 @@ reference), ``reference``, ``triton`` (CUDA, or CPU tensors under ``TRITON_INTER
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import WsimambaError
+from wsimamba.ops._backends import run_backend
 
 __all__ = [
     "REORDER_BACKENDS",
@@ -72,14 +70,9 @@ def stride_restore(x: torch.Tensor, rate: int, length: int) -> torch.Tensor:
     return x.reshape(b, c, rate, padded // rate).transpose(-1, -2).reshape(b, c, padded)[..., :length]
 
 
-def _check_rate(rate) -> int:
+def _check_args(y, y_reordered, z, rate) -> None:
     if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
         raise ReorderArgumentError(f"rate: expected a positive int, got {rate!r}")
-    return rate
-
-
-def _check_args(y, y_reordered, z, rate) -> None:
-    _check_rate(rate)
     for name, t in (("y", y), ("y_reordered", y_reordered), ("z", z)):
         if not isinstance(t, torch.Tensor):
             raise ReorderArgumentError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -101,8 +94,9 @@ def _check_args(y, y_reordered, z, rate) -> None:
 
 
 def _reference(y, y_reordered, z, rate):
-    dtype = torch.promote_types(torch.float32, torch.promote_types(y.dtype, torch.promote_types(y_reordered.dtype,
-                                                                                                 z.dtype)))
+    dtype = torch.float32
+    for t in (y, y_reordered, z):
+        dtype = torch.promote_types(dtype, t.dtype)
     with torch.autocast(y.device.type, enabled=False):
         s = y.to(dtype) + stride_restore(y_reordered.to(dtype), rate, y.shape[-1])
         return (s * F.silu(z.to(dtype))).to(y.dtype)
@@ -113,18 +107,6 @@ def restore_add_gate_reference(y, y_reordered, z, rate):
     (fp64 when an input is), the result in y's dtype. Arguments as :func:`restore_add_gate`."""
     _check_args(y, y_reordered, z, rate)
     return _reference(y, y_reordered, z, rate)
-
-
-def _load_triton():
-    try:
-        return importlib.import_module(_TRITON_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name in (_TRITON_MODULE, "triton"):
-            raise ReorderBackendError(
-                f"backend='triton': the Triton reorder kernel is not available ({err.name} is not installed); "
-                f"use backend='reference'"
-            ) from None
-        raise
 
 
 def restore_add_gate(y, y_reordered, z, rate, backend="auto"):
@@ -148,22 +130,6 @@ def restore_add_gate(y, y_reordered, z, rate, backend="auto"):
     _check_args(y, y_reordered, z, rate)
     if backend not in REORDER_BACKENDS:
         raise ReorderArgumentError(f"backend: expected one of {', '.join(REORDER_BACKENDS)}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and y.device.type != "cuda"):
-        return _reference(y, y_reordered, z, rate)
-    if backend == "auto":
-        try:
-            kernels = _load_triton()
-        except ReorderBackendError:
-            return _reference(y, y_reordered, z, rate)
-        try:
-            return kernels.restore_add_gate(y, y_reordered, z, rate)
-        except kernels.TritonReorderError:
-            return _reference(y, y_reordered, z, rate)
-    kernels = _load_triton()
-    if y.device.type != "cuda" and not (y.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ReorderBackendError(f"backend='triton' needs a cuda device (or TRITON_INTERPRET=1 on the CPU), got "
-                                  f"tensors on {y.device}")
-    try:
-        return kernels.restore_add_gate(y, y_reordered, z, rate)
-    except kernels.TritonReorderError as err:
-        raise ReorderBackendError(f"backend='triton': {err}") from err
+    return run_backend(backend, y.device, _TRITON_MODULE, "TritonReorderError", ReorderBackendError, "reorder",
+                       lambda kernels: kernels.restore_add_gate(y, y_reordered, z, rate),
+                       lambda: _reference(y, y_reordered, z, rate))
