@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-# the grid order (channel tiles fastest) and int64 row offsets of the conv kernels
-from wsimamba.kernels.conv1d import _interpreting, _rows, _tile
+# the grid order (channel tiles fastest), int64 row offsets and 3-D tile loads of the conv kernels
+from wsimamba.kernels.conv1d import _interpreting, _load_tile3, _rows, _tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest rate the kernels take (a tile spans next_power_of_2(rate) phases).
@@ -67,8 +67,7 @@ def _phase_tile(pid_k, K, L, RATE: tl.constexpr, RP: tl.constexpr, TK: tl.conste
 @triton.jit
 def _load(ptr, rows, offs, s_l, mask, mask_d):
     """A (BLOCK_D, TK, RP) tile at offsets offs (TK, RP) along a row of stride s_l, fp32, 0 where masked."""
-    return tl.load(ptr + rows[:, None, None] + offs.to(tl.int64)[None, :, :] * s_l,
-                   mask=mask_d[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
+    return _load_tile3(ptr, rows, offs.to(tl.int64) * s_l, mask_d, mask)
 
 
 @triton.jit

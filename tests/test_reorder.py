@@ -156,6 +156,21 @@ GATE_CASES = [
 ]
 
 
+def _gate_grads(y, yr, zz, g, rate):
+    """[out, dy, dy_reordered, dz] of the triton backend (inputs as given) and of the fp32 reference, z the
+    second half of zz's channels (the first half gets no gradient), g the incoming gradient."""
+    dim = y.shape[1]
+    results = []
+    for fn, as_dtype in ((functools.partial(restore_add_gate, backend="triton"), None),
+                         (restore_add_gate_reference, torch.float32)):
+        leaves = [t.detach().clone().to(as_dtype or t.dtype).requires_grad_(True) for t in (y, yr, zz)]
+        out = fn(leaves[0], leaves[1], leaves[2][:, dim:], rate)
+        out.backward(g.to(out.dtype))
+        assert (leaves[2].grad[:, :dim] == 0).all()
+        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, dim:]])
+    return results
+
+
 @pytest.mark.parametrize("batch,dim,length,rate,dtype", GATE_CASES)
 def test_restore_add_gate_matches_the_reference(batch, dim, length, rate, dtype, seed, monkeypatch):
     """Output and the three gradients against the fp32 reference; z a channel slice of a wider buffer and the
@@ -169,15 +184,7 @@ def test_restore_add_gate_matches_the_reference(batch, dim, length, rate, dtype,
     yr = torch.randn(batch, dim, padded, generator=gen).to(dtype).to(DEV)
     zz = torch.randn(batch, 2 * dim, length, generator=gen).to(dtype).to(DEV)
     g = torch.randn(batch, length, dim, generator=gen).to(dtype).to(DEV).transpose(1, 2)
-    results = []
-    for fn, as_dtype in ((functools.partial(restore_add_gate, backend="triton"), None),
-                         (restore_add_gate_reference, torch.float32)):
-        leaves = [t.detach().clone().to(as_dtype or t.dtype).requires_grad_(True) for t in (y, yr, zz)]
-        out = fn(leaves[0], leaves[1], leaves[2][:, dim:], rate)
-        out.backward(g.to(out.dtype))
-        assert (leaves[2].grad[:, :dim] == 0).all()
-        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, dim:]])
-    got, ref = results
+    got, ref = _gate_grads(y, yr, zz, g, rate)
     assert got[0].dtype == dtype and got[0].is_contiguous()
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), got, ref):
@@ -284,12 +291,5 @@ def test_gpu_reordered_conv_and_gate_at_a_bags_length(length, rate, seed):
     y = torch.randn(1, dim, length, device="cuda", generator=gen).bfloat16()
     yr = torch.randn(1, dim, padded, device="cuda", generator=gen).bfloat16()
     gg = torch.randn(1, length, dim, device="cuda", generator=gen).bfloat16().transpose(1, 2)
-    results = []
-    for fn, as_dtype in ((functools.partial(restore_add_gate, backend="triton"), None),
-                         (restore_add_gate_reference, torch.float32)):
-        leaves = [t.detach().clone().to(as_dtype or t.dtype).requires_grad_(True) for t in (y, yr, x)]
-        out = fn(leaves[0], leaves[1], leaves[2][:, dim:], rate)
-        out.backward(gg.to(out.dtype))
-        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, dim:]])
-    for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *results):
+    for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *_gate_grads(y, yr, x, gg, rate)):
         assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))

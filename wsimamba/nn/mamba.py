@@ -356,8 +356,7 @@ class SRMamba(_TwoBranch):
             # the fast layers make no reordered copies: the second branch's convolution reads x in place
             # (``causal_conv1d(reorder=rate)``), both branches scan without the gate, and one pass restores the
             # second, adds the first and applies the gate they share (``restore_add_gate``)
-            y_forward = self._ssm_fast(x, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D,
-                                       "forward", None)
+            y_forward = self._first(x, None)
             y_reordered = self._ssm_fast(x, None, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
                                          "forward", None, reorder=self.rate)
             return self._out(restore_add_gate(y_forward, y_reordered, z, self.rate))
