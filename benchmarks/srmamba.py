@@ -10,9 +10,10 @@ Both are the fast layers with the same parameters, in one process, timed in turn
 Figures: ``block``, one SRMamba(512) layer (d_inner 1024, rate 10), forward + backward of a (1, L, 512) input
 under bf16 autocast, ms; ``step``, a mambamil training step (benchmarks/train.py's: 1024-d features, d_model
 512, two layers, cross-entropy, AdamW) at each bag size, bf16 autocast and fp32, ms; ``peak_gib``, the peak
-memory of the bf16 step; ``conv``, the second branch's convolution alone, forward + backward (bf16, d_inner
-channels read in place from a wider buffer), reading x in place against the conv of a ``stride_reorder`` copy
-and against the plain conv of x (no reordering); ``gate``, the block's end alone, forward + backward:
+memory of the bf16 step; ``conv``, the second branch's convolution alone, forward + backward with the
+gradients of x, weight and bias as in the layer (bf16, d_inner channels read in place from a wider buffer),
+reading x in place against the conv of a ``stride_reorder`` copy and against the plain conv of x (no
+reordering); ``gate``, the block's end alone, forward + backward:
 ``restore_add_gate`` against the ``stride_restore`` copy and add the copies path runs there (whose gates are
 inside its scans, not timed there). Each figure is the median over `--turns` turns of the mean of `--calls` calls.
 The outputs and input gradients of the two are compared once per block size (``max_rel``).
@@ -103,14 +104,15 @@ def conv_figures(length: int, args, dev: str) -> dict:
     g = torch.randn(1, dim, -(-length // 10) * 10, device=dev, dtype=torch.bfloat16)
 
     def run(kind):
-        leaf = xz.detach().requires_grad_(True)
+        # x, weight and bias all need gradients, as in the layer
+        leaf, wl, bl = (t.detach().requires_grad_(True) for t in (xz, w, b))
         x = leaf[:, :dim]
         if kind == "in_place":
-            out = causal_conv1d(x, w, b, reorder=10)
+            out = causal_conv1d(x, wl, bl, reorder=10)
         elif kind == "copy":
-            out = causal_conv1d(stride_reorder(x, 10), w, b)
+            out = causal_conv1d(stride_reorder(x, 10), wl, bl)
         else:
-            out = causal_conv1d(x, w, b)
+            out = causal_conv1d(x, wl, bl)
         out.backward(g[..., :out.shape[-1]])
 
     fns = {k: (lambda k=k: run(k)) for k in ("in_place", "copy", "plain")}

@@ -43,8 +43,8 @@ How the kernels work:
   contiguous run of x and whose reordered indices o·K + k are r contiguous runs of out, so both sides are
   read and written whole; the taps are picks along the tile's rows. Only a phase's first width − 1 steps
   take taps from the previous phase's tail (and in the backward its last width − 1 feed the next phase's
-  head): the tiles holding those gather at reordered indices, in the backward as a second launch, so that
-  the common tiles compile without those registers. (Tiles of consecutive original positions instead, as
+  head): the tiles holding those gather at reordered indices, in a second launch over those tiles only, so
+  that the common tiles compile without those registers. (Tiles of consecutive original positions instead, as
   the plain conv reads them, scattered each thread's 8 outputs over 8 phases: slower than a reordered copy.)
 
 Measured (benchmarks/conv1d.py, H200, bf16, dim 1024, width 4, batch 1, L 200k, 2026-11-27): forward
@@ -268,20 +268,34 @@ def _phase_tile(pid_k, OWN: tl.constexpr, HALO: tl.constexpr, K, L, RATE: tl.con
 
 
 @triton.jit
+def _reorder_tile(DIM, BLOCK_D: tl.constexpr, F, T, BORDER: tl.constexpr):
+    """(step tile, channel tile, batch element) of this program. The tiles are split between two launches: the
+    border ones, [0, F) and [T, n_k), and the interior ones, [F, T); channel tiles vary fastest (`_tile`)."""
+    j, pid_d, b = _tile(DIM, BLOCK_D)
+    if BORDER:
+        pid_k = tl.where(j < F, j, T + j - F)
+    else:
+        pid_k = F + j
+    return pid_k, pid_d, b
+
+
+@triton.jit
 def _conv1d_reorder_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
-    DIM, L, K, P, s_xb, s_xd, s_ob, s_od,
+    DIM, L, K, P, F, s_xb, s_xd, s_ob, s_od,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
-    BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
+    BORDER: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
 ):
     """The conv over the reordered sequence, read from x in its own order. A program owns BLOCK_D channels
     and TK − HALO steps k of every phase o, a (BLOCK_D, TK, RP) tile whose original positions k·RATE + o
     are one contiguous run of x (read once, HALO steps before its own) and whose reordered indices o·K + k
     are RATE contiguous runs of out. Tap i of (k, o) is (k − (WIDTH − 1 − i), o), a pick along the rows;
-    in the first tile the taps of a phase's first WIDTH − 1 steps reach into the previous phase's tail and
-    are gathered at their reordered indices instead (`_gather_reordered`)."""
+    in the first tiles (BORDER, a launch of their own) the taps of a phase's first WIDTH − 1 steps reach into
+    the previous phase's tail and are gathered at their reordered indices instead (`_gather_reordered`).
+    Compiled apart, the interior tiles hold 40 registers instead of 156 (H100, L 200k, dim 1024, rate 10,
+    bf16: 0.55 ms against 1.39 with the gathers inline, 0.40 for the plain conv)."""
     OWN: tl.constexpr = TK - HALO
-    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
+    pid_k, pid_d, b = _reorder_tile(DIM, BLOCK_D, F, F, BORDER)
     k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
@@ -294,7 +308,7 @@ def _conv1d_reorder_fwd_kernel(
     for i in tl.static_range(WIDTH):
         ws = ws + (tl.load(w_ptr + offs_d * WIDTH + i, mask=mask_d, other=0.0).to(tl.float32),)
     acc = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
-    if k0 < WIDTH - 1:
+    if BORDER:
         for i in tl.static_range(WIDTH):
             acc += ws[i][:, None, None] * _gather_reordered(x_ptr, x_rows, mask_d, q - (WIDTH - 1 - i), K, L, P, RATE)
     else:
@@ -310,22 +324,20 @@ def _conv1d_reorder_fwd_kernel(
 
 
 @triton.jit
-def _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, taps, dp, own, WIDTH: tl.constexpr, NEED_DW: tl.constexpr,
-                  NEED_DBIAS: tl.constexpr, FROM_TILE: tl.constexpr):
-    """dweight[i] += Σ_own taps[i]·dp and dbias += Σ_own dp over a (BLOCK_D, TK, RP) tile, one relaxed atomic
-    per (channel, tap). `taps` is the tuple of the WIDTH taps, or with FROM_TILE the x tile itself, whose
-    taps are then picked again here (`_shift_rows`) rather than kept alive in registers since p was made."""
-    dp_own = tl.where(own[None, :, :], dp, 0.0)
-    if NEED_DW:
-        for i in tl.static_range(WIDTH):
-            if FROM_TILE:
-                tap = _shift_rows(taps, i - (WIDTH - 1))
-            else:
-                tap = taps[i]
-            tl.atomic_add(dw_ptr + offs_d * WIDTH + i, tl.sum(tl.sum(tap * dp_own, axis=2), axis=1), mask=mask_d,
-                          sem="relaxed")
+def _tap_grad(dw_ptr, offs_d, mask_d, x_own, dq, i: tl.constexpr, WIDTH: tl.constexpr):
+    """dweight[i] += Σ x(s)·dp(s + WIDTH − 1 − i) over the program's own s (`x_own`: its x tile, 0 off its own
+    steps; `dq`: dp at s + WIDTH − 1 − i), one relaxed atomic per channel. Counted by x's position s rather
+    than the output's t: the same sum, and dq is the pick of dp that dx needs anyway."""
+    tl.atomic_add(dw_ptr + offs_d * WIDTH + i, tl.sum(tl.sum(x_own * dq, axis=2), axis=1), mask=mask_d,
+                  sem="relaxed")
+
+
+@triton.jit
+def _bias_grad(dbias_ptr, offs_d, mask_d, dp, own, NEED_DBIAS: tl.constexpr):
+    """dbias += Σ dp over the program's own steps, one relaxed atomic per channel."""
     if NEED_DBIAS:
-        tl.atomic_add(dbias_ptr + offs_d, tl.sum(tl.sum(dp_own, axis=2), axis=1), mask=mask_d, sem="relaxed")
+        tl.atomic_add(dbias_ptr + offs_d, tl.sum(tl.sum(tl.where(own[None, :, :], dp, 0.0), axis=2), axis=1),
+                      mask=mask_d, sem="relaxed")
 
 
 @triton.jit
@@ -338,7 +350,7 @@ def _silu_grad(dout, p):
 @triton.jit
 def _conv1d_reorder_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
-    DIM, L, K, P, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd,
+    DIM, L, K, P, F, T, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, BORDER: tl.constexpr,
     BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
@@ -347,13 +359,17 @@ def _conv1d_reorder_bwd_kernel(
     to WIDTH − 1 steps after. dout is read at the reordered indices (RATE contiguous runs), dx written at the
     original positions (one contiguous run).
 
-    Two launches over the same grid: BORDER False does the tiles whose own steps stay inside their phase,
-    BORDER True the others (the first and last tiles: a phase's first WIDTH − 1 steps take taps from the
-    previous phase's tail, its last WIDTH − 1 feed the next phase's head), gathering taps and dp at
-    reordered indices. Apart, the common case is compiled without the gathers' registers (together, ptxas
-    spilled: H100, 3.3 ms forward + backward at L 200k against 2.95 for a reordered copy and the plain conv)."""
+    Two launches, each over its own tiles (`_reorder_tiles`): BORDER False the tiles whose own steps stay
+    inside their phase, BORDER True the others (the first and last tiles: a phase's first WIDTH − 1 steps
+    take taps from the previous phase's tail, its last WIDTH − 1 feed the next phase's head), gathering taps
+    and dp at reordered indices. Apart, the common case is compiled without the gathers' registers (together,
+    ptxas spilled: H100, 3.3 ms forward + backward at L 200k against 2.95 for a reordered copy and the plain
+    conv).
+
+    dweight is summed by x's position s, Σ_s x(s)·dp(s + j), so the picks dp(s + j) that dx takes serve it
+    too; summed by the output's position it re-picked the x taps instead (`_tap_grad`)."""
     OWN: tl.constexpr = TK - 2 * HALO
-    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
+    pid_k, pid_d, b = _reorder_tile(DIM, BLOCK_D, F, T, BORDER)
     k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
@@ -370,51 +386,65 @@ def _conv1d_reorder_bwd_kernel(
     own = in_seq & ((kk >= k0) & (kk < k0 + OWN))[:, None]
     dx_mask = mask_d[:, None, None] & (own & real)[None, :, :]
     dx_ptrs = dx_ptr + _rows(b, offs_d, s_dxb, s_dxd)[:, None, None] + orig[None, :, :]
-    inside = (k0 >= WIDTH - 1) & (k0 + OWN + WIDTH - 1 <= K)
     if BORDER:
-        if not inside:
-            # dout is 0 outside the sequence, so dp is too
-            dp = _load_tile3(dout_ptr, g_rows, q, mask_d, in_seq)
-            taps = ()
+        # dout is 0 outside the sequence, so dp is too
+        dp = _load_tile3(dout_ptr, g_rows, q, mask_d, in_seq)
+        xs = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32)
+        if ACT:
             p = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
-            if ACT or NEED_DW:
-                for i in tl.static_range(WIDTH):
-                    tap = _gather_reordered(x_ptr, x_rows, mask_d, q - (WIDTH - 1 - i), K, L, P, RATE)
-                    taps = taps + (tap,)
-                    p += ws[i][:, None, None] * tap
-            if ACT:
-                dp = _silu_grad(dp, p)
-            _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, taps, dp, own, WIDTH, NEED_DW, NEED_DBIAS, False)
+            for i in tl.static_range(WIDTH):
+                tap = _gather_reordered(x_ptr, x_rows, mask_d, q - (WIDTH - 1 - i), K, L, P, RATE)
+                p += ws[i][:, None, None] * tap
+                if i == WIDTH - 1:
+                    xs = tap
+            dp = _silu_grad(dp, p)
+        elif NEED_DW:
+            xs = _gather_reordered(x_ptr, x_rows, mask_d, q, K, L, P, RATE)
+        _bias_grad(dbias_ptr, offs_d, mask_d, dp, own, NEED_DBIAS)
+        if NEED_DX or NEED_DW:
+            x_own = tl.where(own[None, :, :], xs, 0.0)
+            dx = ws[WIDTH - 1][:, None, None] * dp
+            if NEED_DW:
+                _tap_grad(dw_ptr, offs_d, mask_d, x_own, dp, WIDTH - 1, WIDTH)
+            for j in tl.static_range(1, WIDTH):
+                # dp at q + j, across the phase border where q + j crosses it
+                qj = q + j
+                dq = _load_tile3(dout_ptr, g_rows, qj, mask_d, in_seq & (qj < P))
+                if ACT:
+                    pj = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+                    for i in tl.static_range(WIDTH):
+                        pj += ws[i][:, None, None] * _gather_reordered(x_ptr, x_rows, mask_d, qj - (WIDTH - 1 - i),
+                                                                       K, L, P, RATE)
+                    dq = _silu_grad(dq, pj)
+                dx += ws[WIDTH - 1 - j][:, None, None] * dq
+                if NEED_DW:
+                    _tap_grad(dw_ptr, offs_d, mask_d, x_own, dq, WIDTH - 1 - j, WIDTH)
             if NEED_DX:
-                dx = ws[WIDTH - 1][:, None, None] * dp
-                for j in tl.static_range(1, WIDTH):
-                    qj = q + j
-                    dq = _load_tile3(dout_ptr, g_rows, qj, mask_d, in_seq & (qj < P))
-                    if ACT:
-                        pj = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
-                        for i in tl.static_range(WIDTH):
-                            pj += ws[i][:, None, None] * _gather_reordered(x_ptr, x_rows, mask_d, qj - (WIDTH - 1 - i),
-                                                                           K, L, P, RATE)
-                        dq = _silu_grad(dq, pj)
-                    dx += ws[WIDTH - 1 - j][:, None, None] * dq
                 # dx in x's (original) order; the reordering's padding (≥ L) has no x
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
     else:
-        if inside:
-            dp = _load_tile3(dout_ptr, g_rows, q, mask_d, in_seq)
-            xt = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32)
-            if ACT or NEED_DW:
-                xt = _load_tile3(x_ptr, x_rows, orig, mask_d, real)
-            if ACT:
-                p = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
-                for i in tl.static_range(WIDTH):
-                    p += ws[i][:, None, None] * _shift_rows(xt, i - (WIDTH - 1))
-                dp = _silu_grad(dp, p)
-            _weight_grads(dw_ptr, dbias_ptr, offs_d, mask_d, xt, dp, own, WIDTH, NEED_DW, NEED_DBIAS, True)
+        dp = _load_tile3(dout_ptr, g_rows, q, mask_d, in_seq)
+        xt = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32)
+        if ACT or NEED_DW:
+            xt = _load_tile3(x_ptr, x_rows, orig, mask_d, real)
+        if ACT:
+            p = tl.zeros((BLOCK_D, TK, RP), dtype=tl.float32) + bias[:, None, None]
+            for i in tl.static_range(WIDTH):
+                p += ws[i][:, None, None] * _shift_rows(xt, i - (WIDTH - 1))
+            dp = _silu_grad(dp, p)
+        _bias_grad(dbias_ptr, offs_d, mask_d, dp, own, NEED_DBIAS)
+        if NEED_DX or NEED_DW:
+            # the dp picks serve dx and dweight both (own steps s + j stay inside the tile: HALO after)
+            x_own = tl.where(own[None, :, :], xt, 0.0)
+            dx = ws[WIDTH - 1][:, None, None] * dp
+            if NEED_DW:
+                _tap_grad(dw_ptr, offs_d, mask_d, x_own, dp, WIDTH - 1, WIDTH)
+            for j in tl.static_range(1, WIDTH):
+                dq = _shift_rows(dp, j)
+                dx += ws[WIDTH - 1 - j][:, None, None] * dq
+                if NEED_DW:
+                    _tap_grad(dw_ptr, offs_d, mask_d, x_own, dq, WIDTH - 1 - j, WIDTH)
             if NEED_DX:
-                dx = ws[WIDTH - 1][:, None, None] * dp
-                for j in tl.static_range(1, WIDTH):
-                    dx += ws[WIDTH - 1 - j][:, None, None] * _shift_rows(dp, j)
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
@@ -448,13 +478,17 @@ def _config(width: int, backward: bool) -> dict:
 def _reorder_config(width: int, rate: int, backward: bool) -> dict:
     """Tiles of the reordered conv: BLOCK_D channels × TK steps × RP ≥ rate phases (a power of two; the
     columns past `rate` are masked), HALO = width − 1 steps only read (before the own steps in the forward,
-    on both sides in the backward). Forward 4 channels × ~1024 positions (TK · RP) over 8 warps, backward
-    4 × ~512 over 4: at most 16 tile elements per thread. H100, dim 1024, L 200k, rate 10, bf16, forward +
-    backward: 2.72 ms at backward tiles 4 × 32 steps against 2.92 at 4 × 64 (32 elements a thread, 116
-    registers) and 2.94 for a reordered copy and the plain conv (kernels/NOTES.md, session 20)."""
+    on both sides in the backward). Forward 4 channels × ~1024 positions (TK · RP), backward 8 × ~512, both
+    over 8 warps: 16 tile elements per thread.
+
+    H100, dim 1024, L 200k, rate 10, bf16, 2026-11-28 (kernels/NOTES.md, session 21). The backward with every
+    gradient (dx, dweight, dbias): 1.24 ms at 8 channels × 32 steps, 8 warps; 1.71 at 8 × 32, 4 warps; 1.85
+    at 16 × 32; 2.10 at 16 × 16; 2.15 at 8 × 64; 3.65 at 4 × 32, 4 warps (the previous default); 10.4 at
+    4 × 32, 8 warps; the plain conv's backward 0.65. The forward: 0.555 ms at 4 × 64, within 4% at 8 × 64 and
+    4 × 128, 0.65 at 16 × 32."""
     rp = triton.next_power_of_2(rate)
     if backward:
-        cfg = dict(BLOCK_D=4, TK=max(8, 512 // rp), HALO=width - 1, num_warps=4)
+        cfg = dict(BLOCK_D=8, TK=max(8, 512 // rp), HALO=width - 1, num_warps=8)
     else:
         cfg = dict(BLOCK_D=4, TK=max(8, 1024 // rp), HALO=width - 1, num_warps=8)
     override = (TILE_OVERRIDE or {}).get("rbwd" if backward else "rfwd")
@@ -576,8 +610,28 @@ def _bwd(dout, x, weight, bias, seq_idx, act: bool, need_dx: bool, need_dw: bool
     return dx, dw, dbias
 
 
-def _reorder_grid(cfg: dict, backward: bool, batch: int, dim: int, steps: int) -> tuple:
-    return (triton.cdiv(steps, _reorder_own(cfg, backward)) * triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+def _reorder_tiles(cfg: dict, backward: bool, width: int, steps: int) -> tuple[int, int, int]:
+    """(n_k, F, T): the step tiles [0, n_k) split into the border ones, [0, F) and [T, n_k), and the interior
+    ones, [F, T). A tile is a border one where a phase's first WIDTH − 1 steps are among its own (their taps
+    reach into the previous phase: k0 < width − 1) or, in the backward, its last WIDTH − 1 steps feed another
+    phase's dx (k0 + own + width − 1 > steps)."""
+    own = _reorder_own(cfg, backward)
+    n_k = triton.cdiv(steps, own)
+    first = min(n_k, triton.cdiv(width - 1, own))
+    tail = n_k
+    if backward:
+        tail = max(first, min(n_k, (steps - own - width + 1) // own + 1))
+    return n_k, first, tail
+
+
+def _reorder_launches(kernel, cfg: dict, tiles: tuple, batch: int, dim: int, args: tuple, consts: dict, name: str):
+    """The interior tiles, then the border ones, each launch over its own tiles only (see `_reorder_tile`)."""
+    n_k, first, tail = tiles
+    n_d = triton.cdiv(dim, cfg["BLOCK_D"])
+    for border, count in ((False, tail - first), (True, first + n_k - tail)):
+        if count:
+            kern = kernel[(count * n_d, batch)](*args, BORDER=border, **consts)
+            _note(name + ("_border" if border else ""), kern)
 
 
 def _reorder_fwd(x, weight, bias, act: bool, rate: int) -> torch.Tensor:
@@ -586,13 +640,12 @@ def _reorder_fwd(x, weight, bias, act: bool, rate: int) -> torch.Tensor:
     steps = -(-length // rate)
     out = _new((batch, dim, steps * rate), x)
     cfg = _reorder_config(width, rate, backward=False)
-    kern = _conv1d_reorder_fwd_kernel[_reorder_grid(cfg, False, batch, dim, steps)](
-        x, weight, bias if bias is not None else weight, out,
-        dim, length, steps, steps * rate, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
-        **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg),
-    )
-    _note("fwd_reorder", kern)
+    tiles = _reorder_tiles(cfg, False, width, steps)
+    args = (x, weight, bias if bias is not None else weight, out,
+            dim, length, steps, steps * rate, tiles[1], x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+    consts = dict(WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
+                  **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg))
+    _reorder_launches(_conv1d_reorder_fwd_kernel, cfg, tiles, batch, dim, args, consts, "fwd_reorder")
     return out
 
 
@@ -602,20 +655,20 @@ def _reorder_bwd(dout, x, weight, bias, act: bool, need_dx: bool, need_dw: bool,
     steps = -(-length // rate)
     dout = _unit_stride(dout)
     dx = _new((batch, dim, length), x) if need_dx else None
+    cfg = _reorder_config(width, rate, backward=True)
+    tiles = _reorder_tiles(cfg, True, width, steps)
+    # atomics add into these, so they start at zero (not poisoned)
     dw = torch.zeros((dim, width), device=x.device, dtype=torch.float32) if need_dw else None
     dbias = torch.zeros((dim,), device=x.device, dtype=torch.float32) if need_dbias else None
-    cfg = _reorder_config(width, rate, backward=True)
-    grid = _reorder_grid(cfg, True, batch, dim, steps)
     args = (x, weight, bias if bias is not None else weight,
             dout, dx if dx is not None else dout, dw if dw is not None else weight, dbias if dbias is not None else weight,
-            dim, length, steps, steps * rate, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+            dim, length, steps, steps * rate, tiles[1], tiles[2],
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
             dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0)
     consts = dict(WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
                   NEED_DX=need_dx, NEED_DW=need_dw, NEED_DBIAS=need_dbias,
                   **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg))
-    # the tiles inside their phases, then (the programs of the others only) the border tiles: see the kernel
-    _note("bwd_reorder", _conv1d_reorder_bwd_kernel[grid](*args, BORDER=False, **consts))
-    _note("bwd_reorder_border", _conv1d_reorder_bwd_kernel[grid](*args, BORDER=True, **consts))
+    _reorder_launches(_conv1d_reorder_bwd_kernel, cfg, tiles, batch, dim, args, consts, "bwd_reorder")
     return dx, dw, dbias
 
 

@@ -87,6 +87,9 @@ CONV_CASES = [
     (1, 3, 7, 4, 3, True, "silu", torch.float16, None),  # K = 3 ≤ width − 1: taps cross two phases
     (2, 6, 150, 4, 7, True, "silu", torch.bfloat16, {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 2, "TK": 16}}),
     (1, 2, 31, 2, 1, True, "silu", torch.float32, None),  # rate 1: no reordering
+    (1, 3, 50, 1, 3, True, "silu", torch.float32, {"rbwd": {"BLOCK_D": 4, "TK": 8}}),  # width 1: no taps cross
+    # width 8 with own steps shorter than the taps: several first tiles gather (both launches' tile lists)
+    (1, 2, 400, 8, 5, True, "silu", torch.float32, {"rfwd": {"BLOCK_D": 2, "TK": 8}, "rbwd": {"BLOCK_D": 2, "TK": 16}}),
 ]
 
 
@@ -119,9 +122,36 @@ def test_reordered_conv_matches_the_conv_of_the_reordered_copy(batch, dim, lengt
     for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, ref):
         assert torch.isfinite(a).all(), f"{name}: unwritten elements"
         assert _rel(a, e) < tol, (name, _rel(a, e))
-    if length > rate > 1:  # the reordering matters (K > 1): the plain conv of x is another function
+    if length > rate > 1 and width > 1:  # the reordering matters: the plain conv of x is another function
         plain = causal_conv1d_reference(x[:, :dim].float(), w, b, activation=activation)
         assert _rel(stride_restore(got[0], rate, length), plain) > 1e-3
+
+
+@pytest.mark.parametrize("needs", ["x", "weights"])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_reordered_conv_computes_only_the_gradients_asked_for(needs, activation, seed, monkeypatch):
+    """Frozen conv weights (only dx) or an x without a gradient (only dweight, dbias): each gradient the
+    backward is asked for still matches the reference, in the border tiles and the interior ones."""
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 4, "TK": 8}})
+    gen = _gen(seed)
+    dim, length, rate = 5, 61, 4
+    x = torch.randn(1, dim, length, generator=gen).to(DEV)
+    w = (torch.randn(dim, 4, generator=gen) / 2).to(DEV)
+    b = torch.randn(dim, generator=gen).to(DEV)
+    g = torch.randn(1, dim, -(-length // rate) * rate, generator=gen).to(DEV)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(want) for t, want in
+                  ((x, needs == "x"), (w, needs == "weights"), (b, needs == "weights"))]
+        (fn(*leaves, activation=activation) * g).sum().backward()
+        return [t.grad for t in leaves if t.requires_grad]
+
+    got = grads(functools.partial(causal_conv1d, backend="triton", reorder=rate))
+    ref = grads(lambda xv, *a, **k: causal_conv1d_reference(stride_reorder(xv, rate), *a, **k))
+    assert len(got) == len(ref) == (1 if needs == "x" else 2)
+    for a, e in zip(got, ref):
+        assert torch.isfinite(a).all() and _rel(a, e) < 1e-5, _rel(a, e)
 
 
 def test_reordered_conv_dispatch_and_errors(monkeypatch):
