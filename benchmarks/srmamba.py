@@ -15,10 +15,13 @@ gradients of x, weight and bias as in the layer (bf16, d_inner channels read in 
 reading x in place against the conv of a ``stride_reorder`` copy and against the plain conv of x (no
 reordering); ``gate``, the block's end alone, forward + backward:
 ``restore_add_gate`` against the ``stride_restore`` copy and add the copies path runs there (whose gates are
-inside its scans, not timed there). Each figure is the median over `--turns` turns of the mean of `--calls` calls.
+inside its scans, not timed there); ``bags``, the layer on a batch of bags, 32 packed in one sequence and
+8 padded to 10,000 (``bag_figures``), the bags read in place (``bags=``) against the index gathers. Each figure
+is the median over `--turns` turns of the mean of `--calls` calls.
 The outputs and input gradients of the two are compared once per block size (``max_rel``).
 
     python benchmarks/srmamba.py                 # CUDA
+    python benchmarks/srmamba.py --sections bags # only the batches of bags
     python benchmarks/srmamba.py --smoke         # the CPU at tiny sizes (checks the script; the "kernels"
                                                  # side runs the references there)
 """
@@ -149,6 +152,49 @@ def gate_figures(length: int, args, dev: str) -> dict:
     return _turns(fns, args.turns, args.calls, dev)
 
 
+def bag_figures(layout: str, args, dev: str) -> dict:
+    """One SRMamba(d_model) layer, forward + backward, bf16 autocast, on a batch of bags: ``packed``, 32 bags of
+    500–4,000 patches in one sequence (``PackedBags``, how ``train.batch_size > 1`` runs), or ``padded``, 8
+    bags of 2,000–10,000 padded to 10,000 (``PaddedBags``, the ``lengths`` argument and the CUDA-graphed
+    steps); kernels (``bags=`` read in place) against copies (the index gathers)."""
+    from wsimamba.nn import PackedBags, PaddedBags, SRMamba
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    small = dev == "cpu"
+    blocks = {k: SRMamba(args.d_model, impl="fast").to(dev) for k in KINDS}
+    blocks["copies"].load_state_dict(blocks["kernels"].state_dict())
+    blocks["copies"].reorder_in_kernels = False
+    if layout == "packed":
+        sizes = torch.randint(5, 40, (4,), generator=gen) if small else torch.randint(500, 4001, (32,), generator=gen)
+        x, pad = PackedBags.pack([torch.randn(int(n), args.d_model, device=dev) for n in sizes])
+        valid = pad.valid
+    else:
+        n_max, rows = (37, 3) if small else (10_000, 8)
+        lengths = torch.randint(n_max // 5, n_max + 1, (rows,), generator=gen)
+        lengths[0] = n_max
+        x = torch.randn(rows, n_max, args.d_model, device=dev)
+        pad = PaddedBags(lengths.to(dev), n_max)
+        valid = pad.valid
+    r = torch.randn(x.shape, device=dev) * valid[..., None]
+
+    def run(block):
+        xl = x.detach().requires_grad_(True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            out = block(xl, pad=pad)
+        (out.float() * r).sum().backward()
+        return (out.detach().float() * valid[..., None]), xl.grad.float()
+
+    (out_k, dx_k), (out_c, dx_c) = run(blocks["kernels"]), run(blocks["copies"])
+    rel = max(((a - b).norm() / b.norm()).item() for a, b in ((out_k, out_c), (dx_k, dx_c)))
+    fns = {k: (lambda b=b: run(b)) for k, b in blocks.items()}
+    for fn in fns.values():
+        fn()
+    out = _turns(fns, args.turns, args.calls, dev)
+    out.update(max_rel=float(f"{rel:.2e}"), tokens=int(valid.sum()), length=int(x.shape[1]), rows=int(x.shape[0]))
+    return out
+
+
 def step_figures(instances: int, bf16: bool, args, dev: str) -> dict:
     steps = {k: train_bench._training_step("mambamil", instances, bf16, "fast" if k == "kernels" else "fast-copies",
                                            in_dim=args.in_dim, d_model=args.d_model) for k in KINDS}
@@ -172,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--in-dim", type=int, default=1024)
     ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--sections", default="block,conv,gate,bags,step", help="which figures to make")
     ap.add_argument("--smoke", action="store_true", help="the CPU at tiny sizes (checks the script)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -184,14 +231,22 @@ def main(argv: list[str] | None = None) -> dict:
     train_bench.DEV = dev
     out = {"benchmark": "srmamba", "device": device_name(dev), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "d_model": args.d_model, "rate": 10, "block": {}, "step": {}}
-    out.update(conv={}, gate={})
+    out.update(conv={}, gate={}, bags={})
+    sections = args.sections.split(",")
     for section, figures in (("block", block_figures), ("conv", conv_figures), ("gate", gate_figures)):
+        if section not in sections:
+            continue
         for n in (int(v) for v in args.lengths.split(",") if v):
             r = figures(n, args, dev)
             out[section][str(n)] = r
             print(f"{section} {n}: " + ", ".join(f"{k} {v['ms']:.3f} ms" for k, v in r.items() if isinstance(v, dict))
                   + (f", max rel {r['max_rel']}" if "max_rel" in r else ""), file=sys.stderr, flush=True)
-    for n in (int(v) for v in args.step_instances.split(",") if v):
+    for layout in ("packed", "padded") if "bags" in sections else ():
+        r = bag_figures(layout, args, dev)
+        out["bags"][layout] = r
+        print(f"bags {layout} ({r['rows']} x {r['length']}, {r['tokens']} patches): kernels {r['kernels']['ms']:.3f} ms, "
+              f"copies {r['copies']['ms']:.3f} ms, max rel {r['max_rel']}", file=sys.stderr, flush=True)
+    for n in (int(v) for v in args.step_instances.split(",") if v) if "step" in sections else ():
         for precision in args.precisions.split(","):
             r = step_figures(n, precision == "bf16", args, dev)
             out["step"][f"{n}/{precision}"] = r

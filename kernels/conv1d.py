@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wsimamba.ops.reorder import ReorderBags, reordered_length
+
 MAX_WIDTH = 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -268,23 +270,43 @@ def _phase_tile(pid_k, OWN: tl.constexpr, HALO: tl.constexpr, K, L, RATE: tl.con
 
 
 @triton.jit
-def _reorder_tile(DIM, BLOCK_D: tl.constexpr, F, T, BORDER: tl.constexpr):
-    """(step tile, channel tile, batch element) of this program. The tiles are split between two launches: the
-    border ones, [0, F) and [T, n_k), and the interior ones, [F, T); channel tiles vary fastest (`_tile`)."""
+def _reorder_tile(DIM, BLOCK_D: tl.constexpr, F, T, K, L, bag_ptr, tile_ptr, RATE: tl.constexpr,
+                  BORDER: tl.constexpr, BAGS: tl.constexpr):
+    """This program's (step tile, channel tile, batch element), its bag's length L and steps K, and the offsets
+    of its bag in x's row and in the reordered row. Channel tiles vary fastest (`_tile`).
+
+    BAGS 0: every row one bag of length L; the launch's tiles are the border ones, [0, F) and [T, n_k), or
+    the interior ones, [F, T). BAGS 1 (padded bags): row b's bag is its first bag_ptr[b] tokens (clamped into
+    [0, L]); tiles as BAGS 0 over the longest bag, and the kernel skips those that are not its launch's for
+    row b. BAGS 2 (packed bags): the launch's tiles are listed in tile_ptr as (bag, step tile) pairs, and
+    bag_ptr holds (start, reordered start, size) per bag."""
     j, pid_d, b = _tile(DIM, BLOCK_D)
-    if BORDER:
-        pid_k = tl.where(j < F, j, T + j - F)
+    x_off = 0
+    r_off = 0
+    if BAGS == 2:
+        bag = tl.load(tile_ptr + 2 * j)
+        pid_k = tl.load(tile_ptr + 2 * j + 1)
+        x_off = tl.load(bag_ptr + 3 * bag)
+        r_off = tl.load(bag_ptr + 3 * bag + 1)
+        L = tl.load(bag_ptr + 3 * bag + 2).to(tl.int32)
+        K = tl.cdiv(L, RATE)
     else:
-        pid_k = F + j
-    return pid_k, pid_d, b
+        if BORDER:
+            pid_k = tl.where(j < F, j, T + j - F)
+        else:
+            pid_k = F + j
+        if BAGS == 1:
+            L = tl.minimum(tl.maximum(tl.load(bag_ptr + b), 0), L).to(tl.int32)
+            K = tl.cdiv(L, RATE)
+    return pid_k, pid_d, b, K, L, x_off, r_off
 
 
 @triton.jit
 def _conv1d_reorder_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    DIM, L, K, P, F, s_xb, s_xd, s_ob, s_od,
+    x_ptr, w_ptr, bias_ptr, out_ptr, bag_ptr, tile_ptr,
+    DIM, L, K, F, s_xb, s_xd, s_ob, s_od,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
-    BORDER: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
+    BORDER: tl.constexpr, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
 ):
     """The conv over the reordered sequence, read from x in its own order. A program owns BLOCK_D channels
     and TK − HALO steps k of every phase o, a (BLOCK_D, TK, RP) tile whose original positions k·RATE + o
@@ -295,11 +317,25 @@ def _conv1d_reorder_fwd_kernel(
     Compiled apart, the interior tiles hold 40 registers instead of 156 (H100, L 200k, dim 1024, rate 10,
     bf16: 0.55 ms against 1.39 with the gathers inline, 0.40 for the plain conv)."""
     OWN: tl.constexpr = TK - HALO
-    pid_k, pid_d, b = _reorder_tile(DIM, BLOCK_D, F, F, BORDER)
+    pid_k, pid_d, b, K, L, x_off, r_off = _reorder_tile(DIM, BLOCK_D, F, F, K, L, bag_ptr, tile_ptr, RATE, BORDER, BAGS)
+    if pid_k * OWN < K:  # (always, but for padded bags shorter than the longest)
+        _reorder_fwd_tile(x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L, K, pid_k, pid_d, b, x_off, r_off,
+                          s_xb, s_xd, s_ob, s_od, WIDTH, HAS_BIAS, ACT, RATE, RP, BORDER, BLOCK_D, TK, HALO)
+
+
+@triton.jit
+def _reorder_fwd_tile(x_ptr, w_ptr, bias_ptr, out_ptr, DIM, L, K, pid_k, pid_d, b, x_off, r_off,
+                      s_xb, s_xd, s_ob, s_od, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      RATE: tl.constexpr, RP: tl.constexpr, BORDER: tl.constexpr, BLOCK_D: tl.constexpr,
+                      TK: tl.constexpr, HALO: tl.constexpr):
+    """One tile of `_conv1d_reorder_fwd_kernel`, in a bag of L tokens (K steps) at x_off in x's row and r_off
+    in the reordered row."""
+    OWN: tl.constexpr = TK - HALO
+    P = K * RATE
     k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    x_rows = _rows(b, offs_d, s_xb, s_xd)
+    x_rows = _rows(b, offs_d, s_xb, s_xd) + x_off
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
@@ -318,7 +354,7 @@ def _conv1d_reorder_fwd_kernel(
     if ACT:
         acc = acc * tl.sigmoid(acc)
     own = ((kk >= k0) & (kk < K))[:, None] & (oo < RATE)[None, :]
-    out_rows = _rows(b, offs_d, s_ob, s_od)
+    out_rows = _rows(b, offs_d, s_ob, s_od) + r_off
     tl.store(out_ptr + out_rows[:, None, None] + q[None, :, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_d[:, None, None] & own[None, :, :])
 
@@ -349,11 +385,11 @@ def _silu_grad(dout, p):
 
 @triton.jit
 def _conv1d_reorder_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
-    DIM, L, K, P, F, T, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd,
+    x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, bag_ptr, tile_ptr,
+    DIM, L, K, F, T, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, BORDER: tl.constexpr,
-    BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr,
 ):
     """The forward's tile with HALO steps on both sides: p needs x up to WIDTH − 1 steps before, dx needs dp up
     to WIDTH − 1 steps after. dout is read at the reordered indices (RATE contiguous runs), dx written at the
@@ -369,12 +405,37 @@ def _conv1d_reorder_bwd_kernel(
     dweight is summed by x's position s, Σ_s x(s)·dp(s + j), so the picks dp(s + j) that dx takes serve it
     too; summed by the output's position it re-picked the x taps instead (`_tap_grad`)."""
     OWN: tl.constexpr = TK - 2 * HALO
-    pid_k, pid_d, b = _reorder_tile(DIM, BLOCK_D, F, T, BORDER)
+    pid_k, pid_d, b, K, L, x_off, r_off = _reorder_tile(DIM, BLOCK_D, F, T, K, L, bag_ptr, tile_ptr, RATE, BORDER, BAGS)
+    k0 = pid_k * OWN
+    go = k0 < K
+    if BAGS == 1:
+        # padded bags: the launches run every row's tiles of both kinds; each takes its own for row b's length
+        inside = (k0 >= WIDTH - 1) & (k0 + OWN + WIDTH - 1 <= K)
+        if BORDER:
+            go = go & (inside == 0)
+        else:
+            go = go & inside
+    if go:
+        _reorder_bwd_tile(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, DIM, L, K, pid_k, pid_d, b,
+                          x_off, r_off, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd, WIDTH, HAS_BIAS, ACT, RATE, RP,
+                          NEED_DX, NEED_DW, NEED_DBIAS, BORDER, BLOCK_D, TK, HALO)
+
+
+@triton.jit
+def _reorder_bwd_tile(x_ptr, w_ptr, bias_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr, DIM, L, K, pid_k, pid_d, b,
+                      x_off, r_off, s_xb, s_xd, s_gb, s_gd, s_dxb, s_dxd, WIDTH: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RATE: tl.constexpr, RP: tl.constexpr,
+                      NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, BORDER: tl.constexpr,
+                      BLOCK_D: tl.constexpr, TK: tl.constexpr, HALO: tl.constexpr):
+    """One tile of `_conv1d_reorder_bwd_kernel`, in a bag of L tokens (K steps) at x_off in x's row and r_off
+    in the reordered row."""
+    OWN: tl.constexpr = TK - 2 * HALO
+    P = K * RATE
     k0, kk, oo, orig, q, real = _phase_tile(pid_k, OWN, HALO, K, L, RATE, RP, TK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    x_rows = _rows(b, offs_d, s_xb, s_xd)
-    g_rows = _rows(b, offs_d, s_gb, s_gd)
+    x_rows = _rows(b, offs_d, s_xb, s_xd) + x_off
+    g_rows = _rows(b, offs_d, s_gb, s_gd) + r_off
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
@@ -385,7 +446,7 @@ def _conv1d_reorder_bwd_kernel(
     in_seq = ((kk >= 0) & (kk < K))[:, None] & (oo < RATE)[None, :]
     own = in_seq & ((kk >= k0) & (kk < k0 + OWN))[:, None]
     dx_mask = mask_d[:, None, None] & (own & real)[None, :, :]
-    dx_ptrs = dx_ptr + _rows(b, offs_d, s_dxb, s_dxd)[:, None, None] + orig[None, :, :]
+    dx_ptrs = dx_ptr + (_rows(b, offs_d, s_dxb, s_dxd) + x_off)[:, None, None] + orig[None, :, :]
     if BORDER:
         # dout is 0 outside the sequence, so dp is too
         dp = _load_tile3(dout_ptr, g_rows, q, mask_d, in_seq)
@@ -624,80 +685,135 @@ def _reorder_tiles(cfg: dict, backward: bool, width: int, steps: int) -> tuple[i
     return n_k, first, tail
 
 
-def _reorder_launches(kernel, cfg: dict, tiles: tuple, batch: int, dim: int, args: tuple, consts: dict, name: str):
-    """The interior tiles, then the border ones, each launch over its own tiles only (see `_reorder_tile`)."""
-    n_k, first, tail = tiles
+def _device_rows(rows: list, dtype, device) -> torch.Tensor:
+    """Host int rows as one flat tensor on `device`, copied without synchronising (pinned memory)."""
+    t = torch.tensor(rows, dtype=dtype).reshape(-1)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _bag_plan(bags, cfg: dict, backward: bool, width: int, rate: int, length: int, device):
+    """(BAGS mode, bag array or None, launches): each launch (border, programs along the steps, tile list or
+    None, F, T) for `_reorder_tile`. Packed bags' plans are cached on their ReorderBags."""
+    if bags is None or isinstance(bags, torch.Tensor):
+        n_k, first, tail = _reorder_tiles(cfg, backward, width, -(-length // rate))
+        if bags is None:
+            return 0, None, [(False, tail - first, None, first, tail), (True, first + n_k - tail, None, first, tail)]
+        # padded bags: the border launch of the backward runs every tile (the kernel keeps those of its kind
+        # for the row's length); the forward's border tiles are the first ones whatever the length
+        return 1, bags.to(torch.int32).contiguous(), [(False, n_k - first, None, first, first),
+                                                      (True, n_k if backward else first, None, first, first)]
+    key = ("conv", backward, width, rate, cfg["TK"], cfg["HALO"], str(device))
+    if key not in bags.cache:
+        interior, border = [], []
+        for i, n in enumerate(bags.sizes):
+            n_k, first, tail = _reorder_tiles(cfg, backward, width, -(-n // rate))
+            interior += [(i, k) for k in range(first, tail)]
+            border += [(i, k) for k in list(range(first)) + list(range(tail, n_k))]
+        rows = [(a, r, n) for a, r, n in zip(bags.starts, bags.reordered_starts(rate), bags.sizes)]
+        launches = [(brd, len(t), _device_rows(t, torch.int32, device) if t else None, 0, 0)
+                    for brd, t in ((False, interior), (True, border))]
+        bags.cache[key] = (_device_rows(rows, torch.int64, device), launches)
+    bag_rows, launches = bags.cache[key]
+    return 2, bag_rows, launches
+
+
+def _reorder_launches(kernel, cfg: dict, plan: tuple, backward: bool, batch: int, dim: int, head: tuple, tail: tuple,
+                      consts: dict, name: str, stand_in: torch.Tensor):
+    """The interior tiles, then the border ones, each launch over its own tiles only (see `_reorder_tile`):
+    kernel(*head, bag array, tile list, *tail[:3], F, [T (the backward),] *tail[3:])."""
+    mode, bag_rows, launches = plan
     n_d = triton.cdiv(dim, cfg["BLOCK_D"])
-    for border, count in ((False, tail - first), (True, first + n_k - tail)):
+    for border, count, tiles, first, last in launches:
         if count:
-            kern = kernel[(count * n_d, batch)](*args, BORDER=border, **consts)
+            fts = (first, last) if backward else (first,)
+            kern = kernel[(count * n_d, batch)](
+                *head, bag_rows if bag_rows is not None else stand_in, tiles if tiles is not None else stand_in,
+                *tail[:3], *fts, *tail[3:], BORDER=border, BAGS=mode, **consts)
             _note(name + ("_border" if border else ""), kern)
 
 
-def _reorder_fwd(x, weight, bias, act: bool, rate: int) -> torch.Tensor:
+def _bag_zeros(bags, length: int) -> bool:
+    """Whether positions outside the bags exist (they get zeros: outputs there, x's gradient there)."""
+    return bags is not None and not (isinstance(bags, ReorderBags) and sum(bags.sizes) == length)
+
+
+def _reorder_fwd(x, weight, bias, act: bool, rate: int, bags=None) -> torch.Tensor:
     batch, dim, length = x.shape
     width = weight.shape[1]
     steps = -(-length // rate)
-    out = _new((batch, dim, steps * rate), x)
+    out_len = reordered_length(bags, length, rate)
+    # padded bags leave their rows' ends unwritten: zeros there (packed ones fill the reordered row)
+    out = (torch.zeros((batch, dim, out_len), device=x.device, dtype=x.dtype) if isinstance(bags, torch.Tensor)
+           else _new((batch, dim, out_len), x))
     cfg = _reorder_config(width, rate, backward=False)
-    tiles = _reorder_tiles(cfg, False, width, steps)
-    args = (x, weight, bias if bias is not None else weight, out,
-            dim, length, steps, steps * rate, tiles[1], x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+    plan = _bag_plan(bags, cfg, False, width, rate, length, x.device)
     consts = dict(WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
                   **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg))
-    _reorder_launches(_conv1d_reorder_fwd_kernel, cfg, tiles, batch, dim, args, consts, "fwd_reorder")
+    _reorder_launches(_conv1d_reorder_fwd_kernel, cfg, plan, False, batch, dim,
+                      (x, weight, bias if bias is not None else weight, out),
+                      (dim, length, steps, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
+                      consts, "fwd_reorder", x)
     return out
 
 
-def _reorder_bwd(dout, x, weight, bias, act: bool, need_dx: bool, need_dw: bool, need_dbias: bool, rate: int):
+def _reorder_bwd(dout, x, weight, bias, act: bool, need_dx: bool, need_dw: bool, need_dbias: bool, rate: int,
+                 bags=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
     steps = -(-length // rate)
     dout = _unit_stride(dout)
-    dx = _new((batch, dim, length), x) if need_dx else None
+    dx = None
+    if need_dx:
+        # x outside the bags gets no gradient
+        dx = (torch.zeros((batch, dim, length), device=x.device, dtype=x.dtype) if _bag_zeros(bags, length)
+              else _new((batch, dim, length), x))
     cfg = _reorder_config(width, rate, backward=True)
-    tiles = _reorder_tiles(cfg, True, width, steps)
+    plan = _bag_plan(bags, cfg, True, width, rate, length, x.device)
     # atomics add into these, so they start at zero (not poisoned)
     dw = torch.zeros((dim, width), device=x.device, dtype=torch.float32) if need_dw else None
     dbias = torch.zeros((dim,), device=x.device, dtype=torch.float32) if need_dbias else None
-    args = (x, weight, bias if bias is not None else weight,
-            dout, dx if dx is not None else dout, dw if dw is not None else weight, dbias if dbias is not None else weight,
-            dim, length, steps, steps * rate, tiles[1], tiles[2],
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
-            dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0)
     consts = dict(WIDTH=width, HAS_BIAS=bias is not None, ACT=act, RATE=rate,
                   NEED_DX=need_dx, NEED_DW=need_dw, NEED_DBIAS=need_dbias,
                   **{k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "HALO")}, **_launch(cfg))
-    _reorder_launches(_conv1d_reorder_bwd_kernel, cfg, tiles, batch, dim, args, consts, "bwd_reorder")
+    _reorder_launches(_conv1d_reorder_bwd_kernel, cfg, plan, True, batch, dim,
+                      (x, weight, bias if bias is not None else weight, dout, dx if dx is not None else dout,
+                       dw if dw is not None else weight, dbias if dbias is not None else weight),
+                      (dim, length, steps, x.stride(0), x.stride(1), dout.stride(0), dout.stride(1),
+                       dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0),
+                      consts, "bwd_reorder", x)
     return dx, dw, dbias
 
 
 class _Conv1dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, act, rate=0):
-        out = _reorder_fwd(x, weight, bias, act, rate) if rate else _fwd(x, weight, bias, seq_idx, act)
+    def forward(ctx, x, weight, bias, seq_idx, act, rate=0, bags=None):
+        out = _reorder_fwd(x, weight, bias, act, rate, bags) if rate else _fwd(x, weight, bias, seq_idx, act)
         # x, not the pre-activation: the backward recomputes it (a bag of 200k patches at dim 2048 is
         # 0.8 GB per saved bf16 tensor)
-        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.save_for_backward(x, weight, bias, seq_idx, bags if isinstance(bags, torch.Tensor) else None)
         ctx.act, ctx.rate = act, rate
+        ctx.packed = bags if isinstance(bags, ReorderBags) else None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, seq_idx = ctx.saved_tensors
+        x, weight, bias, seq_idx, lengths = ctx.saved_tensors
         need_dx, need_dw, need_dbias = ctx.needs_input_grad[:3]
         need_dbias = need_dbias and bias is not None
         if not (need_dx or need_dw or need_dbias):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.rate:
-            dx, dw, dbias = _reorder_bwd(dout, x, weight, bias, ctx.act, need_dx, need_dw, need_dbias, ctx.rate)
+            bags = lengths if lengths is not None else ctx.packed
+            dx, dw, dbias = _reorder_bwd(dout, x, weight, bias, ctx.act, need_dx, need_dw, need_dbias, ctx.rate, bags)
         else:
             dx, dw, dbias = _bwd(dout, x, weight, bias, seq_idx, ctx.act, need_dx, need_dw, need_dbias)
         return (dx, dw.to(weight.dtype) if dw is not None else None,
-                dbias.to(bias.dtype) if dbias is not None else None, None, None, None)
+                dbias.to(bias.dtype) if dbias is not None else None, None, None, None, None)
 
 
-def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu", reorder=None):
+def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu", reorder=None, bags=None):
     """The Triton backend of `wsimamba.ops.causal_conv1d` (arguments validated there).
 
     x (batch, dim, length) fp32/fp16/bf16, weight (dim, width), bias (dim,) or None, seq_idx (batch, length)
@@ -716,5 +832,5 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, activation="silu", reorder
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     seq_idx = seq_idx.contiguous() if seq_idx is not None else None
-    rate = int(reorder) if reorder is not None and reorder > 1 else 0
-    return _Conv1dFn.apply(x, weight, bias, seq_idx, activation == "silu", rate)
+    rate = int(reorder) if reorder is not None and (reorder > 1 or bags is not None) else 0
+    return _Conv1dFn.apply(x, weight, bias, seq_idx, activation == "silu", rate, bags)

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 # the grid order (channel tiles fastest), int64 row offsets and 3-D tile loads of the conv kernels
-from wsimamba.kernels.conv1d import _interpreting, _load_tile3, _rows, _tile
+from wsimamba.kernels.conv1d import _device_rows, _interpreting, _load_tile3, _reorder_tile, _rows
+from wsimamba.ops.reorder import ReorderBags
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest rate the kernels take (a tile spans next_power_of_2(rate) phases).
@@ -78,45 +79,51 @@ def _store(ptr, rows, offs, value, mask, mask_d):
 
 @triton.jit
 def _fwd_kernel(
-    y_ptr, yr_ptr, z_ptr, out_ptr,
+    y_ptr, yr_ptr, z_ptr, out_ptr, bag_ptr, tile_ptr,
     DIM, L, K, s_yb, s_yd, s_yl, s_rb, s_rd, s_zb, s_zd, s_zl, s_ob, s_od,
-    RATE: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr,
+    RATE: tl.constexpr, RP: tl.constexpr, BAGS: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr,
 ):
-    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
-    orig, q, real, _ = _phase_tile(pid_k, K, L, RATE, RP, TK)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    y = _load(y_ptr, _rows(b, offs_d, s_yb, s_yd), orig, s_yl, real, mask_d)
-    yr = _load(yr_ptr, _rows(b, offs_d, s_rb, s_rd), q, 1, real, mask_d)
-    z = _load(z_ptr, _rows(b, offs_d, s_zb, s_zd), orig, s_zl, real, mask_d)
-    _store(out_ptr, _rows(b, offs_d, s_ob, s_od), orig, (y + yr) * (z * tl.sigmoid(z)), real, mask_d)
+    """A tile of the bag (of L tokens, K steps) at x_off along y's row and r_off along y_reordered's (bags as
+    the conv's `_reorder_tile`)."""
+    pid_k, pid_d, b, K, L, x_off, r_off = _reorder_tile(DIM, BLOCK_D, 0, 0, K, L, bag_ptr, tile_ptr, RATE, False,
+                                                        BAGS)
+    if pid_k * TK < K:  # (always, but for padded bags shorter than the longest)
+        orig, q, real, _ = _phase_tile(pid_k, K, L, RATE, RP, TK)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < DIM
+        y = _load(y_ptr, _rows(b, offs_d, s_yb, s_yd) + x_off * s_yl, orig, s_yl, real, mask_d)
+        yr = _load(yr_ptr, _rows(b, offs_d, s_rb, s_rd) + r_off, q, 1, real, mask_d)
+        z = _load(z_ptr, _rows(b, offs_d, s_zb, s_zd) + x_off * s_zl, orig, s_zl, real, mask_d)
+        _store(out_ptr, _rows(b, offs_d, s_ob, s_od) + x_off, orig, (y + yr) * (z * tl.sigmoid(z)), real, mask_d)
 
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, y_ptr, yr_ptr, z_ptr, dy_ptr, dyr_ptr, dz_ptr,
+    g_ptr, y_ptr, yr_ptr, z_ptr, dy_ptr, dyr_ptr, dz_ptr, bag_ptr, tile_ptr,
     DIM, L, K, s_gb, s_gd, s_gl, s_yb, s_yd, s_yl, s_rb, s_rd, s_zb, s_zd, s_zl,
     s_dyb, s_dyd, s_drb, s_drd, s_dzb, s_dzd,
     RATE: tl.constexpr, RP: tl.constexpr, NEED_DY: tl.constexpr, NEED_DYR: tl.constexpr, NEED_DZ: tl.constexpr,
-    BLOCK_D: tl.constexpr, TK: tl.constexpr,
+    BAGS: tl.constexpr, BLOCK_D: tl.constexpr, TK: tl.constexpr,
 ):
-    pid_k, pid_d, b = _tile(DIM, BLOCK_D)
-    orig, q, real, in_seq = _phase_tile(pid_k, K, L, RATE, RP, TK)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    g = _load(g_ptr, _rows(b, offs_d, s_gb, s_gd), orig, s_gl, real, mask_d)
-    z = _load(z_ptr, _rows(b, offs_d, s_zb, s_zd), orig, s_zl, real, mask_d)
-    sig = tl.sigmoid(z)
-    gz = g * (z * sig)  # 0 at the reordering's padding, whose outputs nothing reads
-    if NEED_DY:
-        _store(dy_ptr, _rows(b, offs_d, s_dyb, s_dyd), orig, gz, real, mask_d)
-    if NEED_DYR:
-        _store(dyr_ptr, _rows(b, offs_d, s_drb, s_drd), q, gz, in_seq, mask_d)
-    if NEED_DZ:
-        y = _load(y_ptr, _rows(b, offs_d, s_yb, s_yd), orig, s_yl, real, mask_d)
-        yr = _load(yr_ptr, _rows(b, offs_d, s_rb, s_rd), q, 1, real, mask_d)
-        _store(dz_ptr, _rows(b, offs_d, s_dzb, s_dzd), orig, g * (y + yr) * (sig * (1.0 + z * (1.0 - sig))), real,
-               mask_d)
+    pid_k, pid_d, b, K, L, x_off, r_off = _reorder_tile(DIM, BLOCK_D, 0, 0, K, L, bag_ptr, tile_ptr, RATE, False,
+                                                        BAGS)
+    if pid_k * TK < K:
+        orig, q, real, in_seq = _phase_tile(pid_k, K, L, RATE, RP, TK)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < DIM
+        g = _load(g_ptr, _rows(b, offs_d, s_gb, s_gd) + x_off * s_gl, orig, s_gl, real, mask_d)
+        z = _load(z_ptr, _rows(b, offs_d, s_zb, s_zd) + x_off * s_zl, orig, s_zl, real, mask_d)
+        sig = tl.sigmoid(z)
+        gz = g * (z * sig)  # 0 at the reordering's padding, whose outputs nothing reads
+        if NEED_DY:
+            _store(dy_ptr, _rows(b, offs_d, s_dyb, s_dyd) + x_off, orig, gz, real, mask_d)
+        if NEED_DYR:
+            _store(dyr_ptr, _rows(b, offs_d, s_drb, s_drd) + r_off, q, gz, in_seq, mask_d)
+        if NEED_DZ:
+            y = _load(y_ptr, _rows(b, offs_d, s_yb, s_yd) + x_off * s_yl, orig, s_yl, real, mask_d)
+            yr = _load(yr_ptr, _rows(b, offs_d, s_rb, s_rd) + r_off, q, 1, real, mask_d)
+            _store(dz_ptr, _rows(b, offs_d, s_dzb, s_dzd) + x_off, orig,
+                   g * (y + yr) * (sig * (1.0 + z * (1.0 - sig))), real, mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +148,20 @@ def _config(rate: int, backward: bool) -> dict:
     return cfg
 
 
-def _grid(cfg: dict, batch: int, dim: int, steps: int) -> tuple:
-    return (triton.cdiv(steps, cfg["TK"]) * triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+def _bag_plan(bags, cfg: dict, rate: int, length: int, device) -> tuple:
+    """(BAGS mode, bag array or None, tile list or None, programs along the steps) for `_reorder_tile`; packed
+    bags' plans are cached on their ReorderBags."""
+    if bags is None:
+        return 0, None, None, triton.cdiv(-(-length // rate), cfg["TK"])
+    if isinstance(bags, torch.Tensor):
+        return 1, bags.to(torch.int32).contiguous(), None, triton.cdiv(-(-length // rate), cfg["TK"])
+    key = ("gate", rate, cfg["TK"], str(device))
+    if key not in bags.cache:
+        tiles = [(i, k) for i, n in enumerate(bags.sizes) for k in range(triton.cdiv(-(-n // rate), cfg["TK"]))]
+        rows = [(a, r, n) for a, r, n in zip(bags.starts, bags.reordered_starts(rate), bags.sizes)]
+        bags.cache[key] = (_device_rows(rows, torch.int64, device), _device_rows(tiles, torch.int32, device), len(tiles))
+    rows, tiles, count = bags.cache[key]
+    return 2, rows, tiles, count
 
 
 def _note(name: str, kern) -> None:
@@ -151,7 +170,9 @@ def _note(name: str, kern) -> None:
         KERNEL_RESOURCES[name] = dict(regs=regs, spills=spills)
 
 
-def _new(shape, like: torch.Tensor, dtype) -> torch.Tensor:
+def _new(shape, like: torch.Tensor, dtype, zeros: bool = False) -> torch.Tensor:
+    if zeros:
+        return torch.zeros(shape, device=like.device, dtype=dtype)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
@@ -173,35 +194,44 @@ def _tiles(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "num_warps")}
 
 
-def _fwd(y, yr, z, rate):
+def _outside(bags, length: int) -> bool:
+    """Whether positions outside the bags exist (the outputs and gradients there are 0)."""
+    return bags is not None and not (isinstance(bags, ReorderBags) and sum(bags.sizes) == length)
+
+
+def _fwd(y, yr, z, rate, bags):
     batch, dim, length = y.shape
-    steps = yr.shape[-1] // rate
-    out = _new((batch, dim, length), y, y.dtype)
+    out = (torch.zeros((batch, dim, length), device=y.device, dtype=y.dtype) if _outside(bags, length)
+           else _new((batch, dim, length), y, y.dtype))
     cfg = _config(rate, False)
-    kern = _fwd_kernel[_grid(cfg, batch, dim, steps)](
-        y, yr, z, out, dim, length, steps,
-        *y.stride(), yr.stride(0), yr.stride(1), *z.stride(), out.stride(0), out.stride(1),
-        RATE=rate, **_tiles(cfg),
+    mode, rows, tiles, count = _bag_plan(bags, cfg, rate, length, y.device)
+    kern = _fwd_kernel[(count * triton.cdiv(dim, cfg["BLOCK_D"]), batch)](
+        y, yr, z, out, rows if rows is not None else y, tiles if tiles is not None else y, dim, length,
+        -(-length // rate), *y.stride(), yr.stride(0), yr.stride(1), *z.stride(), out.stride(0), out.stride(1),
+        RATE=rate, BAGS=mode, **_tiles(cfg),
     )
     _note("fwd", kern)
     return out
 
 
-def _bwd(g, y, yr, z, rate, need):
+def _bwd(g, y, yr, z, rate, need, bags):
     batch, dim, length = y.shape
     padded = yr.shape[-1]
-    dy = _new((batch, dim, length), y, y.dtype) if need[0] else None
-    dyr = _new((batch, dim, padded), y, yr.dtype) if need[1] else None
-    dz = _new((batch, dim, length), y, z.dtype) if need[2] else None
+    zeros = _outside(bags, length)
+    # outside the bags the gradients are 0 (and a padded row's reordered sequence ends before the row does)
+    dy = _new((batch, dim, length), y, y.dtype, zeros) if need[0] else None
+    dyr = _new((batch, dim, padded), y, yr.dtype, isinstance(bags, torch.Tensor)) if need[1] else None
+    dz = _new((batch, dim, length), y, z.dtype, zeros) if need[2] else None
     stand_in = next(t for t in (dy, dyr, dz) if t is not None)
     cfg = _config(rate, True)
-    kern = _bwd_kernel[_grid(cfg, batch, dim, padded // rate)](
+    mode, rows, tiles, count = _bag_plan(bags, cfg, rate, length, y.device)
+    kern = _bwd_kernel[(count * triton.cdiv(dim, cfg["BLOCK_D"]), batch)](
         g, y, yr, z, dy if dy is not None else stand_in, dyr if dyr is not None else stand_in,
-        dz if dz is not None else stand_in,
-        dim, length, padded // rate, *g.stride(), *y.stride(), yr.stride(0), yr.stride(1), *z.stride(),
+        dz if dz is not None else stand_in, rows if rows is not None else y, tiles if tiles is not None else y,
+        dim, length, -(-length // rate), *g.stride(), *y.stride(), yr.stride(0), yr.stride(1), *z.stride(),
         *(dy.stride()[:2] if dy is not None else (0, 0)), *(dyr.stride()[:2] if dyr is not None else (0, 0)),
         *(dz.stride()[:2] if dz is not None else (0, 0)),
-        RATE=rate, NEED_DY=need[0], NEED_DYR=need[1], NEED_DZ=need[2], **_tiles(cfg),
+        RATE=rate, NEED_DY=need[0], NEED_DYR=need[1], NEED_DZ=need[2], BAGS=mode, **_tiles(cfg),
     )
     _note("bwd", kern)
     return dy, dyr, dz
@@ -209,26 +239,27 @@ def _bwd(g, y, yr, z, rate, need):
 
 class _RestoreAddGateFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, yr, z, rate):
-        ctx.save_for_backward(y, yr, z)
+    def forward(ctx, y, yr, z, rate, bags):
+        ctx.save_for_backward(y, yr, z, bags if isinstance(bags, torch.Tensor) else None)
         ctx.rate = rate
-        return _fwd(y, yr, z, rate)
+        ctx.packed = bags if isinstance(bags, ReorderBags) else None
+        return _fwd(y, yr, z, rate, bags)
 
     @staticmethod
     def backward(ctx, g):
-        y, yr, z = ctx.saved_tensors
+        y, yr, z, lengths = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
-            return None, None, None, None
-        dy, dyr, dz = _bwd(g, y, yr, z, ctx.rate, need)
-        return dy, dyr, dz, None
+            return None, None, None, None, None
+        dy, dyr, dz = _bwd(g, y, yr, z, ctx.rate, need, lengths if lengths is not None else ctx.packed)
+        return dy, dyr, dz, None, None
 
 
-def restore_add_gate(y, y_reordered, z, rate):
+def restore_add_gate(y, y_reordered, z, rate, bags=None):
     """The Triton backend of `wsimamba.ops.restore_add_gate` (arguments validated there). y_reordered with a
     stride along its length other than 1 is copied first. Raises TritonReorderError for inputs it does not
     take (dtype, device)."""
     _check(y, y_reordered, z, rate)
     if y_reordered.stride(-1) != 1:
         y_reordered = y_reordered.contiguous()
-    return _RestoreAddGateFn.apply(y, y_reordered, z, int(rate))
+    return _RestoreAddGateFn.apply(y, y_reordered, z, int(rate), bags)

@@ -21,6 +21,7 @@ from wsimamba.ops import (
     ConvArgumentError,
     ConvBackendError,
     ReorderArgumentError,
+    ReorderBags,
     causal_conv1d,
     causal_conv1d_reference,
     restore_add_gate,
@@ -299,6 +300,178 @@ def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, mon
 
 
 # ----------------------------------------------------------------------------------------------
+# bags: padded (a length per row) and packed (ReorderBags, several in one row)
+
+# (name, batch, length, bags): row lengths with a full row, an odd one and a single token; packed bags with
+# padding between them, a single-token bag, and bags long enough for interior tiles at the small tiles below
+BAG_LAYOUTS = [
+    ("padded", 3, 67, lambda dev: torch.tensor([67, 30, 1], device=dev)),
+    ("packed", 1, 90, lambda dev: ReorderBags([0, 8, 9, 48], [5, 1, 37, 40])),
+    ("packed-tight", 1, 61, lambda dev: ReorderBags([0, 17, 18], [17, 1, 43])),
+]
+BAG_TILES = {"rfwd": {"BLOCK_D": 4, "TK": 8}, "rbwd": {"BLOCK_D": 4, "TK": 8}}
+
+
+def _bag_spans(bags, batch, length, rate):
+    """(row, start, size, reordered start) of each bag (the layouts ReorderBags describes)."""
+    if isinstance(bags, ReorderBags):
+        return list(zip([0] * len(bags.sizes), bags.starts, bags.sizes, bags.reordered_starts(rate)))
+    return [(b, 0, n, 0) for b, n in enumerate(bags.tolist())]
+
+
+def test_bags_are_reordered_and_restored_each_alone(seed):
+    """The references with bags: each bag's conv is the conv of its own reordered sequence, and each bag's
+    restore-add-gate its own; 0 outside the bags. (The kernels are tested against these below.)"""
+    gen = _gen(seed)
+    rate = 4
+    for _, batch, length, make in BAG_LAYOUTS:
+        bags = make("cpu")
+        x = torch.randn(batch, 3, length, generator=gen, dtype=torch.float64)
+        w, b = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+        out = causal_conv1d(x, w, b, reorder=rate, bags=bags)
+        covered = torch.zeros(out.shape, dtype=torch.bool)
+        y = torch.randn(batch, 3, length, generator=gen, dtype=torch.float64)
+        z = torch.randn(batch, 3, length, generator=gen, dtype=torch.float64)
+        gate = restore_add_gate(y, out, z, rate, bags=bags)
+        inside = torch.zeros(y.shape, dtype=torch.bool)
+        for row, a, n, r in _bag_spans(bags, batch, length, rate):
+            alone = causal_conv1d(x[row:row + 1, :, a:a + n], w, b, reorder=rate)
+            span = alone.shape[-1]
+            assert torch.equal(out[row:row + 1, :, r:r + span], alone)
+            covered[row, :, r:r + span] = True
+            expected = restore_add_gate(y[row:row + 1, :, a:a + n], alone, z[row:row + 1, :, a:a + n], rate)
+            assert torch.allclose(gate[row:row + 1, :, a:a + n], expected, rtol=0, atol=1e-12)
+            inside[row, :, a:a + n] = True
+        assert (out[~covered] == 0).all() and (gate[~inside] == 0).all()
+
+
+def _bag_conv_grads(fn, x, w, b, g, bags, rate):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    out = fn(*leaves, reorder=rate, bags=bags)
+    (out.float() * g).sum().backward()
+    return [out.float()] + [t.grad.float() for t in leaves]
+
+
+@pytest.mark.parametrize("layout", [c[0] for c in BAG_LAYOUTS])
+@pytest.mark.parametrize("rate", [3, 10])
+def test_reordered_conv_of_bags_matches_the_reference(layout, rate, seed, monkeypatch):
+    """The kernels with padded and packed bags against the reference (each bag alone): output, dx (0 outside
+    the bags), dweight, dbias; small tiles on the CPU, so bags have first, interior and last tiles."""
+    _, batch, length, make = next(c for c in BAG_LAYOUTS if c[0] == layout)
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", BAG_TILES)
+    gen = _gen(seed)
+    bags = make(DEV)
+    x = torch.randn(batch, 5, length, generator=gen).to(DEV)
+    w = (torch.randn(5, 4, generator=gen) / 2).to(DEV)
+    b = torch.randn(5, generator=gen).to(DEV)
+    out_len = bags.reordered_length(rate) if isinstance(bags, ReorderBags) else -(-length // rate) * rate
+    g = torch.randn(batch, 5, out_len, generator=gen).to(DEV)
+    got = _bag_conv_grads(functools.partial(causal_conv1d, backend="triton"), x, w, b, g, bags, rate)
+    ref = _bag_conv_grads(functools.partial(causal_conv1d, backend="reference"), x, w, b, g, bags, rate)
+    for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, ref):
+        assert torch.isfinite(a).all(), f"{name}: unwritten elements"
+        assert _rel(a, e) < 1e-5, (name, _rel(a, e))
+    outside = torch.ones(batch, length, dtype=torch.bool)
+    for row, a, n, _ in _bag_spans(bags, batch, length, rate):
+        outside[row, a:a + n] = False
+    assert (got[1].permute(0, 2, 1)[outside.to(DEV)] == 0).all(), "x outside the bags got a gradient"
+
+
+@pytest.mark.parametrize("layout", [c[0] for c in BAG_LAYOUTS])
+def test_restore_add_gate_of_bags_matches_the_reference(layout, seed, monkeypatch):
+    """restore_add_gate with padded and packed bags: output and the three gradients against the reference."""
+    _, batch, length, make = next(c for c in BAG_LAYOUTS if c[0] == layout)
+    if DEV == "cpu":
+        monkeypatch.setattr(kr, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 4, "TK": 4}, "bwd": {"BLOCK_D": 4, "TK": 2}})
+    gen, rate = _gen(seed), 3
+    bags = make(DEV)
+    out_len = bags.reordered_length(rate) if isinstance(bags, ReorderBags) else -(-length // rate) * rate
+    y = torch.randn(batch, 4, length, generator=gen).to(DEV)
+    yr = torch.randn(batch, 4, out_len, generator=gen).to(DEV)
+    zz = torch.randn(batch, 8, length, generator=gen).to(DEV)
+    g = torch.randn(batch, length, 4, generator=gen).to(DEV).transpose(1, 2)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (y, yr, zz)]
+        out = restore_add_gate(leaves[0], leaves[1], leaves[2][:, 4:], rate, backend=backend, bags=bags)
+        out.backward(g)
+        results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad[:, 4:]])
+    for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *results):
+        assert torch.isfinite(a).all(), f"{name}: unwritten elements"
+        assert _rel(a, e) < 1e-6, (name, _rel(a, e))
+
+
+def test_bags_errors_name_the_argument():
+    x, w = torch.randn(2, 4, 9), torch.randn(4, 4)
+    with pytest.raises(ConvArgumentError, match="bags: only with reorder"):
+        causal_conv1d(x, w, bags=torch.tensor([9, 3]))
+    with pytest.raises(ConvArgumentError, match=r"bags: lengths must have shape \(2,\)"):
+        causal_conv1d(x, w, reorder=3, bags=torch.tensor([9]))
+    with pytest.raises(ConvArgumentError, match="bags: length 10 of row 1 is outside"):
+        causal_conv1d(x, w, reorder=3, bags=torch.tensor([9, 10]))
+    with pytest.raises(ConvArgumentError, match="bags: packed bags take one row"):
+        causal_conv1d(x, w, reorder=3, bags=ReorderBags([0], [4]))
+    with pytest.raises(ConvArgumentError, match="bags: the last bag ends at 12, past the length 9"):
+        causal_conv1d(x[:1], w, reorder=3, bags=ReorderBags([0, 5], [4, 7]))
+    with pytest.raises(ReorderArgumentError, match="bags: bag 1 .start 2, size 3. must"):
+        ReorderBags([0, 2], [4, 3])
+    with pytest.raises(ReorderArgumentError, match=r"y_reordered: expected shape \(1, 4, 9\)"):
+        restore_add_gate(x[:1], torch.randn(1, 4, 12), x[:1], 3, bags=ReorderBags([0, 5], [4, 2]))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_srmamba_fast_layers_with_bags_on_the_kernels_match_the_reference_layers(layout, seed, monkeypatch):
+    """SRMamba on padded (PaddedBags) and packed (PackedBags) bags, impl="fast" with the Triton convolution and
+    restore-add-gate reading the bags in place, against the reference layers (index gathers): output at the
+    bags' tokens, the input gradient, every parameter gradient, fp32."""
+    import wsimamba.nn.mamba as mamba
+
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "BLOCK_L": 64},
+                                                  "bwd": {"BLOCK_D": 8, "BLOCK_L": 64}, **BAG_TILES})
+        monkeypatch.setattr(kr, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "TK": 4}, "bwd": {"BLOCK_D": 8, "TK": 2}})
+    calls = []
+
+    def spy(fn, name):
+        def call(*args, **kwargs):
+            calls.append((name, kwargs.get("reorder"), type(kwargs.get("bags")).__name__))
+            return fn(*args, **kwargs, backend="triton")
+        return call
+
+    monkeypatch.setattr(mamba, "causal_conv1d", spy(causal_conv1d, "conv"))
+    monkeypatch.setattr(mamba, "restore_add_gate", spy(restore_add_gate, "gate"))
+    torch.manual_seed(seed)
+    ref = wnn.SRMamba(12, d_state=4, rate=3, impl="reference").to(DEV)
+    fast = wnn.SRMamba(12, d_state=4, rate=3, impl="fast").to(DEV)
+    fast.load_state_dict(ref.state_dict())
+    gen = _gen(seed)
+    if layout == "padded":
+        lengths = [41, 17, 1]
+        x = torch.randn(3, 41, 12, generator=gen).to(DEV)
+        pad = wnn.PaddedBags(torch.tensor(lengths, device=DEV), 41)
+        real = wnn.padding.valid_mask(torch.tensor(lengths), 41).to(DEV)
+    else:
+        x, pad = wnn.PackedBags.pack([torch.randn(n, 12, generator=gen).to(DEV) for n in (20, 1, 33)], align=4)
+        real = pad.valid
+    r = torch.randn(x.shape, generator=_gen(seed + 1)).to(DEV) * real[..., None]
+    results = []
+    for module in (ref, fast):
+        xl = x.clone().requires_grad_(True)
+        out = module(xl, pad=pad)
+        (out * r).sum().backward()
+        results.append((out.detach() * real[..., None], xl.grad, {n: p.grad for n, p in module.named_parameters()}))
+    kind = "Tensor" if layout == "padded" else "ReorderBags"
+    assert calls == [("conv", None, "NoneType"), ("conv", 3, kind), ("gate", None, kind)]
+    (out_r, dx_r, g_r), (out_f, dx_f, g_f) = results
+    assert _rel(out_f, out_r) < 1e-4 and _rel(dx_f, dx_r) < 1e-4
+    assert (dx_f[~real] == 0).all(), "the padding got a gradient"
+    assert g_f.keys() == g_r.keys() and len(g_r) == 16
+    for name in g_r:
+        assert _rel(g_f[name], g_r[name]) < 1e-4, (name, _rel(g_f[name], g_r[name]))
+
+
+# ----------------------------------------------------------------------------------------------
 # full sizes, compiled, on the GPU
 
 
@@ -323,3 +496,33 @@ def test_gpu_reordered_conv_and_gate_at_a_bags_length(length, rate, seed):
     gg = torch.randn(1, length, dim, device="cuda", generator=gen).bfloat16().transpose(1, 2)
     for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *_gate_grads(y, yr, x, gg, rate)):
         assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))
+
+
+@pytest.mark.gpu
+def test_gpu_reordered_conv_and_gate_of_bags():
+    """bf16 at d_inner 1024, compiled: padded bags of 60,001 and 20,000 patches and five packed bags of 1 to
+    30,000 (aligned to 16), the reordered conv and the restore-add-gate against their fp32 references."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dim, rate = 1024, 10
+    packed = ReorderBags([0, 10_016, 10_032, 17_040, 47_040], [10_007, 1, 7_003, 30_000, 2_999])
+    for batch, length, bags in ((2, 60_001, torch.tensor([60_001, 20_000], device="cuda")), (1, 50_039, packed)):
+        out_len = bags.reordered_length(rate) if isinstance(bags, ReorderBags) else -(-length // rate) * rate
+        x = torch.randn(batch, dim, length, device="cuda", generator=gen).bfloat16()
+        w = torch.randn(dim, 4, device="cuda", generator=gen) / 2
+        b = torch.randn(dim, device="cuda", generator=gen)
+        g = torch.randn(batch, dim, out_len, device="cuda", generator=gen).bfloat16().float()
+        got = _bag_conv_grads(functools.partial(causal_conv1d, backend="triton"), x, w, b, g, bags, rate)
+        ref = _bag_conv_grads(functools.partial(causal_conv1d, backend="reference"), x.float(), w, b, g, bags, rate)
+        for name, a, e in zip(("out", "dx", "dweight", "dbias"), got, ref):
+            assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))
+        y = torch.randn(batch, dim, length, device="cuda", generator=gen).bfloat16()
+        yr = torch.randn(batch, dim, out_len, device="cuda", generator=gen).bfloat16()
+        gg = torch.randn(batch, dim, length, device="cuda", generator=gen).bfloat16()
+        results = []
+        for backend, dtype in (("triton", torch.bfloat16), ("reference", torch.float32)):
+            leaves = [t.detach().to(dtype).requires_grad_(True) for t in (y, yr, x)]
+            out = restore_add_gate(leaves[0], leaves[1], leaves[2], rate, backend=backend, bags=bags)
+            out.backward(gg.to(dtype))
+            results.append([out, leaves[0].grad, leaves[1].grad, leaves[2].grad])
+        for name, a, e in zip(("out", "dy", "dy_reordered", "dz"), *results):
+            assert torch.isfinite(a).all() and _rel(a, e) < 1e-2, (name, _rel(a, e))

@@ -168,12 +168,17 @@ class Mamba(nn.Module):
             **_scan_layout(direction, window, pad),
         )
 
-    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None, reorder=None):
+    def _ssm_fast(self, x, z, conv1d, x_proj, dt_proj, A_log, D, direction, window, pad=None, reorder=None,
+                  bags=None):
         """The fast branch: x, z (batch, d_inner, length) with unit stride along the length (views of
         in_proj's output are fine) → y (batch, d_inner, length). z None: no gate. reorder r: the branch runs
-        over ``stride_reorder(x, r)``, which the convolution reads from x in place; y is then in that order."""
-        conv_kw = {} if reorder is None else {"reorder": reorder}
-        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu", seq_idx=_seq_idx(pad), **conv_kw)
+        over ``stride_reorder(x, r)`` (of each bag alone, with ``bags`` and ``pad`` the reordered layout), which
+        the convolution reads from x in place; y is then in that order."""
+        if reorder is None:
+            conv_kw = {"seq_idx": _seq_idx(pad)}
+        else:
+            conv_kw = {"reorder": reorder} if bags is None else {"reorder": reorder, "bags": bags}
+        x = causal_conv1d(x, conv1d.weight, conv1d.bias, activation="silu", **conv_kw)
         # x_dbl = W_x x: (batch, dt_rank + 2·d_state, length), so Δ's low-rank part, B and C are rows
         x_dbl = _channel_first(x_proj.weight, x)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -352,14 +357,17 @@ class SRMamba(_TwoBranch):
         """hidden_states (batch, length, d_model) → (batch, length, d_model); pad as :meth:`Mamba.forward`
         (each bag reordered alone)."""
         x, z = self._in(hidden_states)
-        if pad is None and self._fast(x) and self.reorder_in_kernels:
+        if self._fast(x) and self.reorder_in_kernels:
             # the fast layers make no reordered copies: the second branch's convolution reads x in place
             # (``causal_conv1d(reorder=rate)``), both branches scan without the gate, and one pass restores the
-            # second, adds the first and applies the gate they share (``restore_add_gate``)
-            y_forward = self._first(x, None)
+            # second, adds the first and applies the gate they share (``restore_add_gate``); padded or packed
+            # bags are handed to both as ``bags`` (each bag reordered alone), the scan gets their reordered layout
+            bags, pad_r = (None, None) if pad is None else pad.reorder_bags(self.rate)
+            y_forward = self._first(x, None, pad)
             y_reordered = self._ssm_fast(x, None, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                         "forward", None, reorder=self.rate)
-            return self._out(restore_add_gate(y_forward, y_reordered, z, self.rate))
+                                         "forward", None, pad_r, reorder=self.rate, bags=bags)
+            gate_kw = {} if bags is None else {"bags": bags}
+            return self._out(restore_add_gate(y_forward, y_reordered, z, self.rate, **gate_kw))
         y_forward = self._first(x, z, pad)
         if pad is None:
             y_reordered = self._second(stride_reorder(x, self.rate), stride_reorder(z, self.rate))

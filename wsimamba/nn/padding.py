@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from wsimamba.errors import WsimambaError
+from wsimamba.ops.reorder import ReorderBags
 
 # softplus(−10⁴ + bias) is exactly 0 in fp32 and bf16 (e^−10⁴ underflows), and −10⁴ is finite, so no 0·∞
 PAD_DELTA = -1.0e4
@@ -106,7 +107,17 @@ class PaddedBags:
         j = torch.arange(total, device=n.device)
         src = _reordered_source(j, k, rate)
         index = torch.where((j < k * rate) & (src < n), src, self.length)  # self.length: a zero column
-        return self._take(F.pad(x, (0, 1)), index, -1), PaddedBags(k[:, 0] * rate, total)
+        return self._take(F.pad(x, (0, 1)), index, -1), self.reordered(rate)
+
+    def reordered(self, rate: int) -> "PaddedBags":
+        """The layout :meth:`stride_reorder` returns, without reordering anything."""
+        return PaddedBags(-(-self.lengths // rate) * rate, -(-self.length // rate) * rate)
+
+    def reorder_bags(self, rate: int):
+        """(the ops' ``bags`` argument, the reordered layout): what the fast layers pass the reordering
+        kernels (``wsimamba.ops.causal_conv1d(reorder=, bags=)``, ``restore_add_gate(bags=)``), which read
+        and write the bags in place of :meth:`stride_reorder` and :meth:`stride_restore`."""
+        return self.lengths, self.reordered(rate)
 
     def stride_restore(self, y: torch.Tensor, rate: int) -> torch.Tensor:
         """Inverse of :meth:`stride_reorder`: (batch, channels, reordered length) → (batch, channels, length)."""
@@ -158,6 +169,7 @@ class PackedBags(PaddedBags):
         self.lengths, self._start, slot = _device_ints([sizes, self.starts, slot], device)
         self.bag = torch.repeat_interleave(torch.arange(len(sizes), device=device), slot, output_size=length)
         self._reordered: dict[int, tuple[torch.Tensor, torch.Tensor, "PackedBags"]] = {}
+        self._bags: ReorderBags | None = None  # the ops' view of this layout (kernels cache on it)
         pos = torch.arange(length, device=device)
         start, n = self._start[self.bag], self.lengths[self.bag]
         self.local = pos - start  # each position's place in its bag
@@ -220,6 +232,14 @@ class PackedBags(PaddedBags):
         src = _reordered_source(out.local, ks[out.bag], rate)
         index = torch.where(src < self.lengths[out.bag], self._start[out.bag] + src, self.length)
         return F.pad(x, (0, 1)).index_select(-1, index), out
+
+    def reordered(self, rate: int) -> "PackedBags":
+        return self._reordering(rate)[2]
+
+    def reorder_bags(self, rate: int):
+        if self._bags is None:
+            self._bags = ReorderBags(self.starts, self.sizes)
+        return self._bags, self.reordered(rate)
 
     def stride_restore(self, y: torch.Tensor, rate: int) -> torch.Tensor:
         """Inverse of :meth:`stride_reorder`: (1, channels, reordered length) → (1, channels, length)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from wsimamba.errors import WsimambaError
 from wsimamba.ops._backends import run_backend
-from wsimamba.ops.reorder import stride_reorder
+from wsimamba.ops.reorder import bag_list, check_bags, place_bags, reordered_length, stride_reorder
 
 __all__ = [
     "CONV_BACKENDS",
@@ -139,7 +139,7 @@ def causal_conv1d_reference(x, weight, bias=None, activation="silu", seq_idx=Non
     return _reference(x, weight, bias, activation, seq_idx)
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend="auto", reorder=None):
+def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend="auto", reorder=None, bags=None):
     """Causal depthwise conv1d followed by SiLU (or no activation), as in a Mamba block.
 
     Args:
@@ -154,11 +154,15 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend
         reorder: a positive int r, optional: the conv of ``stride_reorder(x, r)`` (MambaMIL's sequence
             reordering, :func:`wsimamba.ops.stride_reorder`), which the triton backend reads from x in place
             (no reordered copy of x; dx comes back in x's order). Not with seq_idx.
+        bags: with ``reorder``, optional: a (batch,) integer tensor of lengths (padded bags) or a
+            :class:`wsimamba.ops.ReorderBags` (bags packed in one row): each bag reordered and convolved
+            alone, into the layout :class:`~wsimamba.ops.ReorderBags` describes; the output is 0 outside the
+            bags' reordered sequences, and x outside the bags gets no gradient.
 
     Returns:
         out (batch, dim, length), a new contiguous tensor in x's dtype; differentiable in x, weight (its
         gradient has the shape and dtype of the weight given) and bias. With ``reorder`` r: (batch, dim,
-        ceil(length / r) · r), in the reordered order.
+        ceil(length / r) · r), in the reordered order (packed ``bags``: (1, dim, bags.reordered_length(r))).
 
     Raises:
         ConvArgumentError: a bad shape, dtype or value (names the argument).
@@ -172,12 +176,22 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, backend
         if isinstance(reorder, bool) or not isinstance(reorder, int) or reorder < 1:
             raise ConvArgumentError(f"reorder: expected a positive int, got {reorder!r}")
         if seq_idx is not None:
-            raise ConvArgumentError("reorder: cannot be combined with seq_idx (reorder each packed sequence alone)")
+            raise ConvArgumentError("reorder: cannot be combined with seq_idx (pass the packed sequences as bags)")
+        check_bags(bags, x.shape[0], x.shape[-1], x.device, ConvArgumentError)
+    elif bags is not None:
+        raise ConvArgumentError("bags: only with reorder (without it, seq_idx separates packed sequences)")
 
     def reference():
-        xr = stride_reorder(x, reorder) if reorder is not None else x
-        return _reference(xr, weight2, bias, activation, seq_idx)
+        if reorder is None:
+            return _reference(x, weight2, bias, activation, seq_idx)
+        if bags is None:
+            return _reference(stride_reorder(x, reorder), weight2, bias, activation, None)
+        out = torch.zeros(x.shape[:2] + (reordered_length(bags, x.shape[-1], reorder),), dtype=x.dtype, device=x.device)
+        rows = [(b, r, -(-n // reorder) * reorder,
+                 _reference(stride_reorder(x[b:b + 1, :, a:a + n], reorder), weight2, bias, activation, None)[0])
+                for b, a, n, r in bag_list(bags, x.shape[0], x.shape[-1], reorder, ConvArgumentError)]
+        return place_bags(out, rows)
 
-    extra = {} if reorder is None else {"reorder": reorder}
+    extra = {} if reorder is None else {"reorder": reorder, "bags": bags}
     return run_backend(backend, x.device, _TRITON_MODULE, "TritonConvError", ConvBackendError, "conv1d",
                        lambda kernels: kernels.causal_conv1d(x, weight2, bias, seq_idx, activation, **extra), reference)
