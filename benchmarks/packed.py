@@ -11,6 +11,9 @@ autocast, fast layers), per model, all in one process:
 - predict: ms per batch of inference (no gradient) over the same bags: packed, padded, one-by-one.
 
 Median of `--repeats` timings after two warm-ups; ratios are to one-by-one in the same process.
+``--srmamba-reorder both`` runs the models built on SRMamba (mambamil) twice, the second time
+(``mambamil[copies]``) with ``SRMamba.reorder_in_kernels = False``: the reordering by index gathers, the
+baseline of the kernels that read the bags in place.
 
     python benchmarks/packed.py                     # CUDA
     python benchmarks/packed.py --smoke             # the CPU at tiny sizes (checks the script)
@@ -48,7 +51,7 @@ def _timed(fn, repeats: int, dev: str) -> float:
     return statistics.median(times)
 
 
-def run_model(name: str, bags: list[torch.Tensor], labels: torch.Tensor, args, dev: str) -> dict:
+def run_model(name: str, bags: list[torch.Tensor], labels: torch.Tensor, args, dev: str, label: str = "") -> dict:
     from wsimamba.models.mil import create_model
     from wsimamba.train.graphs import BagGraphs
 
@@ -116,17 +119,17 @@ def run_model(name: str, bags: list[torch.Tensor], labels: torch.Tensor, args, d
         except RuntimeError as err:  # (reported, and the other kinds still run)
             out["train"][kind] = None
             out.setdefault("errors", {})[kind] = str(err).splitlines()[0]
-            print(f"{name} train {kind}: {out['errors'][kind]}", file=sys.stderr, flush=True)
+            print(f"{label or name} train {kind}: {out['errors'][kind]}", file=sys.stderr, flush=True)
             if dev == "cuda":
                 torch.cuda.synchronize()
             continue
-        print(f"{name} train {kind}: {out['train'][kind]:.2f} ms", file=sys.stderr, flush=True)
+        print(f"{label or name} train {kind}: {out['train'][kind]:.2f} ms", file=sys.stderr, flush=True)
     if graphs is not None:
         out["graphs_replays"] = graphs.replays
         graphs.clear()
     for kind in [k for k in kinds if "graphs" not in k]:
         out["predict"][kind] = round(_timed(predict(kind), args.repeats, dev), 3)
-        print(f"{name} predict {kind}: {out['predict'][kind]:.2f} ms", file=sys.stderr, flush=True)
+        print(f"{label or name} predict {kind}: {out['predict'][kind]:.2f} ms", file=sys.stderr, flush=True)
     for part in ("train", "predict"):
         base = out[part]["one-by-one"]
         out[part + "_ratio_to_one_by_one"] = {k: round(v / base, 3) for k, v in out[part].items() if v is not None}
@@ -143,6 +146,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="the CPU at tiny sizes")
+    ap.add_argument("--srmamba-reorder", choices=("kernels", "copies", "both"), default="kernels",
+                    help="SRMamba's reordering for mambamil: in the kernels, by copies, or both in turn")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     dev = "cpu" if args.smoke else "cuda"
@@ -158,10 +163,17 @@ def main(argv=None) -> dict:
            "torch": torch.__version__, "bags": args.bags, "patches": sum(sizes), "longest": max(sizes),
            "range": [args.min, args.max], "in_dim": args.in_dim, "d_model": args.d_model,
            "precision": "bf16-autocast" if dev == "cuda" else "fp32", "models": {}}
+    from wsimamba.nn import SRMamba
+
+    modes = ("kernels", "copies") if args.srmamba_reorder == "both" else (args.srmamba_reorder,)
     for name in (m for m in args.models.split(",") if m):
-        out["models"][name] = run_model(name, bags, labels, args, dev)
-        if dev == "cuda":
-            torch.cuda.empty_cache()  # the model and its optimiser went with run_model's return
+        for mode in modes if name == "mambamil" else ("kernels",):
+            SRMamba.reorder_in_kernels = mode == "kernels"
+            key = name if mode == "kernels" else f"{name}[copies]"
+            out["models"][key] = run_model(name, bags, labels, args, dev, key)
+            if dev == "cuda":
+                torch.cuda.empty_cache()  # the model and its optimiser went with run_model's return
+    SRMamba.reorder_in_kernels = True
     return report(out, args.json)
 
 

@@ -46,6 +46,11 @@ How the kernels work:
   head): the tiles holding those gather at reordered indices, in a second launch over those tiles only, so
   that the common tiles compile without those registers. (Tiles of consecutive original positions instead, as
   the plain conv reads them, scattered each thread's 8 outputs over 8 phases: slower than a reordered copy.)
+- `bags` (with reorder): padded bags (a (batch,) lengths tensor: the kernels read row b's length, so nothing
+  is read on the host and CUDA graphs can hold the launches) or packed ones (`wsimamba.ops.ReorderBags`: the
+  host lists each launch's (bag, step tile) pairs once per pack), each reordered and convolved alone; every
+  kernel gets its bag's length and offsets from `_reorder_tile` and runs the single-bag tile code. Outputs
+  outside the bags' reordered sequences, and x's gradient outside the bags, are zeros.
 
 Measured (benchmarks/conv1d.py, H200, bf16, dim 1024, width 4, batch 1, L 200k, 2026-11-27): forward
 0.42 ms, forward + backward 1.17 ms, against 2.58 and 7.19 ms for F.conv1d + F.silu (cuDNN) in the

@@ -10,6 +10,9 @@ validated arguments (wsimamba/ops/reorder.py has the definition). Shapes:
 
     out[t] = (y[t] + y_reordered[(t mod rate)·K + ⌊t / rate⌋]) · silu(z[t])
 
+    with bags (padded: a (batch,) lengths tensor; packed: a wsimamba.ops.ReorderBags), the same per bag, K
+    its own steps and y_reordered its reordered row's span; out and the gradients are 0 outside the bags
+
 How the kernels work:
 
 - A program owns BLOCK_D channels × TK steps k of every phase o, a (BLOCK_D, TK, RP) tile (RP the power of

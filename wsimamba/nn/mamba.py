@@ -22,7 +22,8 @@ Two implementations of the same function (``impl``):
                  kernel that recomputes its activation in the backward) and the scan without a layout copy.
                  SRMamba's reordering makes no copies either: the second branch's convolution reads x in
                  place (``reorder=rate``), both branches scan without the gate, and
-                 ``wsimamba.ops.restore_add_gate`` restores, adds and gates in one pass.
+                 ``wsimamba.ops.restore_add_gate`` restores, adds and gates in one pass; padded and packed
+                 bags too, each bag reordered alone (``bags=``).
 - ``auto``       ``fast`` on CUDA tensors, ``reference`` elsewhere.
 
 Both give the same outputs and gradients within rounding (tests/test_mamba_fast.py).

@@ -17,6 +17,10 @@ z's tokens with the others). Its reference is PyTorch (fp32 arithmetic, the resu
 gradients of both branches, each in its own order, in one pass (z's too), so neither the restore nor the
 reorder of the gradient is a copy of its own.
 
+Padded or packed bags (``bags``: a (batch,) lengths tensor, or a :class:`ReorderBags`) are reordered and
+restored each alone, as :class:`wsimamba.nn.PaddedBags` and :class:`wsimamba.nn.PackedBags` do with index
+gathers; their ``reorder_bags(rate)`` gives the argument.
+
 Backends as :mod:`wsimamba.ops.conv1d`: ``auto`` (triton on CUDA when it loads and takes the inputs, else
 reference), ``reference``, ``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` when named).
 """
