@@ -402,6 +402,18 @@ def test_restore_add_gate_of_bags_matches_the_reference(layout, seed, monkeypatc
         assert _rel(a, e) < 1e-6, (name, _rel(a, e))
 
 
+def test_the_kernels_clamp_lengths_they_do_not_read_on_the_host(monkeypatch):
+    """The triton backend does not read lengths on the host (CUDA graphs): a length past the row acts as the
+    row's length, with every access inside the tensors (bounds-checked in the interpreter)."""
+    if DEV == "cpu":
+        monkeypatch.setattr(kc, "TILE_OVERRIDE", BAG_TILES)
+    gen = _gen(5)
+    x, w = torch.randn(2, 3, 29, generator=gen).to(DEV), torch.randn(3, 4, generator=gen).to(DEV)
+    got = causal_conv1d(x, w, reorder=4, bags=torch.tensor([40, 11], device=DEV), backend="triton")
+    assert torch.allclose(got, causal_conv1d(x, w, reorder=4, bags=torch.tensor([29, 11], device=DEV),
+                                             backend="reference"), atol=1e-6)
+
+
 def test_bags_errors_name_the_argument():
     x, w = torch.randn(2, 4, 9), torch.randn(4, 4)
     with pytest.raises(ConvArgumentError, match="bags: only with reorder"):

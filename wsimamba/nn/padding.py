@@ -234,9 +234,12 @@ class PackedBags(PaddedBags):
         return F.pad(x, (0, 1)).index_select(-1, index), out
 
     def reordered(self, rate: int) -> "PackedBags":
+        """The layout :meth:`stride_reorder` returns (the bags' reordered sequences back to back)."""
         return self._reordering(rate)[2]
 
     def reorder_bags(self, rate: int):
+        """(a :class:`wsimamba.ops.ReorderBags` of this pack, the reordered layout), as
+        :meth:`PaddedBags.reorder_bags`; one ReorderBags per pack, on which the kernels cache their tile lists."""
         if self._bags is None:
             self._bags = ReorderBags(self.starts, self.sizes)
         return self._bags, self.reordered(rate)

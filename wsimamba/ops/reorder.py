@@ -36,8 +36,8 @@ from wsimamba.ops._backends import run_backend
 __all__ = [
     "REORDER_BACKENDS",
     "ReorderArgumentError",
-    "ReorderBags",
     "ReorderBackendError",
+    "ReorderBags",
     "restore_add_gate",
     "restore_add_gate_reference",
     "stride_reorder",
@@ -121,9 +121,10 @@ def reordered_length(bags, length: int, rate: int) -> int:
 
 
 def check_bags(bags, batch: int, length: int, device, error: type) -> None:
-    """The ops' ``bags`` argument (:class:`ReorderBags`), raising `error` naming what is wrong. A lengths
-    tensor's values are checked by the reference backends (the kernels clamp them to [0, length] rather than
-    synchronise; the models check lengths where they enter)."""
+    """Checks the ops' ``bags`` argument (None, a lengths tensor or a :class:`ReorderBags`), raising `error`
+    naming what is wrong. A lengths tensor's values are checked by the reference backends only: the kernels
+    clamp them into [0, length] rather than read them on the host (a CUDA graph could not capture that), so
+    memory stays safe and a wrong length acts as the clamped one."""
     if bags is None:
         return
     if isinstance(bags, ReorderBags):
