@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 # the grid order (channel tiles fastest), int64 row offsets and 3-D tile loads of the conv kernels
-from wsimamba.kernels.conv1d import _device_rows, _interpreting, _load_tile3, _reorder_tile, _rows
+from wsimamba.kernels.conv1d import _bag_zeros, _device_rows, _interpreting, _load_tile3, _reorder_tile, _rows
 from wsimamba.ops.reorder import ReorderBags
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -197,15 +197,9 @@ def _tiles(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("RP", "BLOCK_D", "TK", "num_warps")}
 
 
-def _outside(bags, length: int) -> bool:
-    """Whether positions outside the bags exist (the outputs and gradients there are 0)."""
-    return bags is not None and not (isinstance(bags, ReorderBags) and sum(bags.sizes) == length)
-
-
 def _fwd(y, yr, z, rate, bags):
     batch, dim, length = y.shape
-    out = (torch.zeros((batch, dim, length), device=y.device, dtype=y.dtype) if _outside(bags, length)
-           else _new((batch, dim, length), y, y.dtype))
+    out = _new((batch, dim, length), y, y.dtype, _bag_zeros(bags, length))  # 0 outside the bags
     cfg = _config(rate, False)
     mode, rows, tiles, count = _bag_plan(bags, cfg, rate, length, y.device)
     kern = _fwd_kernel[(count * triton.cdiv(dim, cfg["BLOCK_D"]), batch)](
@@ -220,7 +214,7 @@ def _fwd(y, yr, z, rate, bags):
 def _bwd(g, y, yr, z, rate, need, bags):
     batch, dim, length = y.shape
     padded = yr.shape[-1]
-    zeros = _outside(bags, length)
+    zeros = _bag_zeros(bags, length)
     # outside the bags the gradients are 0 (and a padded row's reordered sequence ends before the row does)
     dy = _new((batch, dim, length), y, y.dtype, zeros) if need[0] else None
     dyr = _new((batch, dim, padded), y, yr.dtype, isinstance(bags, torch.Tensor)) if need[1] else None

@@ -258,10 +258,10 @@ def test_restore_add_gate_errors_name_the_argument():
 # SRMamba's fast layers on these kernels
 
 
-def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, monkeypatch):
-    """SRMamba with impl="fast" running the Triton convolution (reorder) and restore-add-gate (the scan on its
-    reference: the kernels here are the point) against the reference layers, which reorder by copies:
-    fp32, output, input gradient and every parameter gradient within 1e-4, batch 2 of an odd length."""
+def _srmamba_on_kernels(monkeypatch, seed, record):
+    """The reference SRMamba(12, rate 3) and a fast one with its parameters, whose convolution and restore-add-
+    gate run the Triton backend (small tiles on the CPU; the scan on its reference: the kernels here are the
+    point); `calls` gets record(name, kwargs) for each of their calls."""
     import wsimamba.nn.mamba as mamba
 
     if DEV == "cpu":
@@ -273,7 +273,7 @@ def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, mon
 
     def spy(fn, name):
         def call(*args, **kwargs):
-            calls.append((name, kwargs.get("reorder")))
+            calls.append(record(name, kwargs))
             return fn(*args, **kwargs, backend="triton")
         return call
 
@@ -283,6 +283,14 @@ def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, mon
     ref = wnn.SRMamba(12, d_state=4, rate=3, impl="reference").to(DEV)
     fast = wnn.SRMamba(12, d_state=4, rate=3, impl="fast").to(DEV)
     fast.load_state_dict(ref.state_dict())
+    return ref, fast, calls
+
+
+def test_srmamba_fast_layers_on_the_kernels_match_the_reference_layers(seed, monkeypatch):
+    """SRMamba with impl="fast" running the Triton convolution (reorder) and restore-add-gate (the scan on its
+    reference: the kernels here are the point) against the reference layers, which reorder by copies:
+    fp32, output, input gradient and every parameter gradient within 1e-4, batch 2 of an odd length."""
+    ref, fast, calls = _srmamba_on_kernels(monkeypatch, seed, lambda name, kw: (name, kw.get("reorder")))
     x = torch.randn(2, 41, 12, generator=_gen(seed)).to(DEV)
     r = torch.randn(2, 41, 12, generator=_gen(seed + 1)).to(DEV)
     results = []
@@ -437,26 +445,8 @@ def test_srmamba_fast_layers_with_bags_on_the_kernels_match_the_reference_layers
     """SRMamba on padded (PaddedBags) and packed (PackedBags) bags, impl="fast" with the Triton convolution and
     restore-add-gate reading the bags in place, against the reference layers (index gathers): output at the
     bags' tokens, the input gradient, every parameter gradient, fp32."""
-    import wsimamba.nn.mamba as mamba
-
-    if DEV == "cpu":
-        monkeypatch.setattr(kc, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "BLOCK_L": 64},
-                                                  "bwd": {"BLOCK_D": 8, "BLOCK_L": 64}, **BAG_TILES})
-        monkeypatch.setattr(kr, "TILE_OVERRIDE", {"fwd": {"BLOCK_D": 8, "TK": 4}, "bwd": {"BLOCK_D": 8, "TK": 2}})
-    calls = []
-
-    def spy(fn, name):
-        def call(*args, **kwargs):
-            calls.append((name, kwargs.get("reorder"), type(kwargs.get("bags")).__name__))
-            return fn(*args, **kwargs, backend="triton")
-        return call
-
-    monkeypatch.setattr(mamba, "causal_conv1d", spy(causal_conv1d, "conv"))
-    monkeypatch.setattr(mamba, "restore_add_gate", spy(restore_add_gate, "gate"))
-    torch.manual_seed(seed)
-    ref = wnn.SRMamba(12, d_state=4, rate=3, impl="reference").to(DEV)
-    fast = wnn.SRMamba(12, d_state=4, rate=3, impl="fast").to(DEV)
-    fast.load_state_dict(ref.state_dict())
+    ref, fast, calls = _srmamba_on_kernels(
+        monkeypatch, seed, lambda name, kw: (name, kw.get("reorder"), type(kw.get("bags")).__name__))
     gen = _gen(seed)
     if layout == "padded":
         lengths = [41, 17, 1]
