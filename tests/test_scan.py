@@ -278,13 +278,16 @@ def test_low_precision_inputs_match_fp32_within_bf16_tolerance(seed, dtype, dire
     assert out_low.dtype == dtype and out_high.dtype == torch.float32
     # state and accumulation are fp32, so the only error is the final rounding to the input dtype
     torch.testing.assert_close(out_low.float(), out_high, rtol=1.6e-2, atol=1e-2)
-    cot = torch.randn_like(out_high)
-    grads_low = torch.autograd.grad(out_low, list(low.values()), cot.to(dtype))
-    grads_high = torch.autograd.grad(out_high, list(high.values()), cot)
+    # both get the same (rounded) cotangent: an fp32 one for the fp32 run summed 74 rounding differences into
+    # A's gradient, 2.2e-2 of its largest on a rare seed (292403228); with it the gradients differ by their
+    # own rounding, ≤ 3.9e-3 of the largest over 150 seeds × 4 directions × 2 dtypes
+    cot = torch.randn_like(out_high).to(dtype)
+    grads_low = torch.autograd.grad(out_low, list(low.values()), cot)
+    grads_high = torch.autograd.grad(out_high, list(high.values()), cot.float())
     for name, gl, gh in zip(low, grads_low, grads_high):
         assert gl.dtype == low[name].dtype
         scale = gh.abs().max().clamp(min=1)
-        torch.testing.assert_close(gl.float() / scale, gh / scale, rtol=0, atol=2e-2, msg=f"gradient of {name}")
+        torch.testing.assert_close(gl.float() / scale, gh / scale, rtol=0, atol=1e-2, msg=f"gradient of {name}")
 
 
 # ------------------------------------------------------------------------------ memory
