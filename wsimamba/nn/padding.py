@@ -75,6 +75,7 @@ class PaddedBags:
         self._pad = ~self.valid
         # bag b's real tokens reversed, its padding where it was
         self._reverse = torch.where(self.valid, n - 1 - pos, pos)
+        self._by_rate: dict[int, tuple[torch.Tensor, "PaddedBags"]] = {}  # reorder_bags, made once per rate
 
     def _take(self, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
         """x gathered along `dim` by index (batch, m): out[b, …, j, …] = x[b, …, index[b, j], …]."""
@@ -116,8 +117,11 @@ class PaddedBags:
     def reorder_bags(self, rate: int):
         """(the ops' ``bags`` argument, the reordered layout): what the fast layers pass the reordering
         kernels (``wsimamba.ops.causal_conv1d(reorder=, bags=)``, ``restore_add_gate(bags=)``), which read
-        and write the bags in place of :meth:`stride_reorder` and :meth:`stride_restore`."""
-        return self.lengths, self.reordered(rate)
+        and write the bags in place of :meth:`stride_reorder` and :meth:`stride_restore`. Made once per rate
+        (every SRMamba layer of a forward shares it), the lengths as the int32 the kernels read."""
+        if rate not in self._by_rate:
+            self._by_rate[rate] = (self.lengths.to(torch.int32), self.reordered(rate))
+        return self._by_rate[rate]
 
     def stride_restore(self, y: torch.Tensor, rate: int) -> torch.Tensor:
         """Inverse of :meth:`stride_reorder`: (batch, channels, reordered length) → (batch, channels, length)."""
